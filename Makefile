@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make demo   create .venv, install torch and vae_ext (with its build), run the demo
+#   make test   the same setup, then the whole test suite
+# Other targets: make bench (pytest-benchmark suite), make build (incremental in-place build), make clean.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+DEPS := ninja numpy pytest pytest-benchmark scipy expecttest
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: demo test bench build clean
+
+$(DEPS_STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(DEPS)
+	touch $@
+
+# pip builds the extension (CPU kernels, plus CUDA kernels where torch has CUDA and nvcc is found).
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILD_STAMP)
+	$(PY) -m vae_ext info
+	$(PY) -m vae_ext demo
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/last-run.json
+
+# Incremental rebuild for development (ninja recompiles only what changed).
+build: $(DEPS_STAMP)
+	$(PY) setup.py build_ext --inplace
+
+clean:
+	rm -rf build vae_ext/_C*.so $(BUILD_STAMP)

@@ -1,0 +1,49 @@
+"""Input checks shared by the public ops. Each raises TypeError or ValueError
+with a message that names the argument and says what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_tensor(op: str, name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_float(op: str, name: str, x: torch.Tensor) -> None:
+    check_tensor(op, name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+
+
+def check_same_device(op: str, tensors: dict) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
+
+
+def check_generator(op: str, generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"{op}: generator is for {generator.device.type} but the inputs are on {device}")
+
+
+def check_seed(op: str, seed) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{op}: seed must be an int or None, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{op}: seed must fit in 64 bits, got {seed}")
+
+
+def seed_to_int64(seed: int) -> int:
+    """Map a seed in [-2**63, 2**64) to the int64 the op schema carries (same 64 bits)."""
+    return seed - 2**64 if seed >= 2**63 else seed

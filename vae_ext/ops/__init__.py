@@ -1,0 +1,6 @@
+"""Public operators. Each validates its inputs once, picks the backend
+(compiled extension or reference, see vae_ext._backend) and calls it."""
+
+from vae_ext.ops.reparam import reparameterize
+
+__all__ = ["reparameterize"]
