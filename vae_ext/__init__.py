@@ -1,7 +1,9 @@
 """vae_ext: fused PyTorch C++/CUDA operators for VAEs and Transformers.
 
 Operators (each with a CPU kernel, a CUDA kernel and a pure-PyTorch reference):
+    masked_attention(q, k, v, ...)    softmax(q kᵀ · scale + mask) v, never materialising S×S
     reparameterize(mu, logvar, ...)   z = mu + eps * exp(0.5 * logvar), eps drawn in-kernel
+    elbo_loss(recon, target, mu, logvar, ...)   reconstruction NLL + beta * KL, gradients in one pass
 
 Backend control: the environment variable VAE_EXT_BACKEND=auto|extension|reference,
 or `with vae_ext.use_backend("reference"): ...`; `vae_ext.backend_info()` says what runs.
@@ -12,7 +14,9 @@ __version__ = "0.1.0"
 from vae_ext import reference  # noqa: E402
 from vae_ext._backend import use_backend  # noqa: E402
 from vae_ext import ops  # noqa: E402
-from vae_ext.ops import reparameterize  # noqa: E402
+from vae_ext.ops import elbo_loss, masked_attention, reparameterize  # noqa: E402
+from vae_ext._types import ELBO  # noqa: E402
 from vae_ext._info import backend_info  # noqa: E402
 
-__all__ = ["__version__", "backend_info", "ops", "reference", "reparameterize", "use_backend"]
+__all__ = ["ELBO", "__version__", "backend_info", "elbo_loss", "masked_attention", "ops", "reference",
+           "reparameterize", "use_backend"]

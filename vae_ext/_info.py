@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from vae_ext import _backend
+from vae_ext.ops import attention as _attention
+from vae_ext.ops import elbo as _elbo
 from vae_ext.ops import reparam as _reparam
 
 
@@ -25,7 +27,9 @@ def backend_info() -> dict:
     from vae_ext import __version__
 
     checks = {
+        "masked_attention": lambda d: _attention.supports(d, torch.float32 if d.type == "cpu" else torch.bfloat16, 64),
         "reparameterize": lambda d: _reparam.supports(d, torch.float32),
+        "elbo_loss": lambda d: _elbo.supports(d, torch.float32),
     }
     ops = {}
     for name, check in checks.items():

@@ -1,0 +1,91 @@
+// masked_attention: the parameter structs every attention kernel (CPU and CUDA)
+// takes, and the kernels' entry points. Only attention.cpp knows about at::Tensor.
+//
+// Semantics (DESIGN.md): out = softmax(q kᵀ · scale + mask) v per (batch, head),
+// masks combined by intersection:
+//   - causal: query i sees keys j <= i (top-left aligned, as SDPA);
+//   - key padding: key j of batch b is ignored where key_padding[b * Sk + j] != 0;
+//     key_len[b] = 1 + the last key of batch b that is not padding (0 if none), so
+//     keys j >= key_len[b] are known hidden and their tiles are skipped;
+//   - attn mask, read through the strides of its (B, H, Sq, Sk) broadcast view
+//     (stride 0 on broadcast dims): bool (1 = may attend) or additive float32.
+// A row that sees no key gets out = 0 and lse = +inf (so exp(s - lse) = 0 in the
+// backward without a special case), and zero gradients.
+//
+// Dropout keeps element (b, h, i, j) iff (word >> 8) >= dropout_threshold, where
+// word is lane j % 4 of philox(seed, counter_lo = offset / 4,
+// counter_hi = row * ceil(Sk / 4) + j / 4), row = (b * H + h) * Sq + i, and
+// dropout_threshold = ceil(dropout_p * 2^24). Kept weights are scaled by
+// 1 / (1 - dropout_p). CPU and CUDA draw the same mask for one explicit seed.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/philox.h"
+
+struct CUstream_st;  // cudaStream_t without the CUDA headers
+
+namespace vae_ext {
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+
+struct AttentionParams {
+  // q (B, H, Sq, D); k, v (B, Hkv, Sk, D); the last dim is contiguous, other
+  // strides in elements. Head h reads kv head h / (H / Hkv).
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+
+  // out (B, H, Sq, D) contiguous; lse (B, H, Sq) contiguous float32: the natural
+  // log-sum-exp of each row's scaled, masked scores (+inf for empty rows).
+  void* out;
+  float* lse;
+
+  int batch, heads, kv_heads, q_len, kv_len, head_dim;
+  float scale;
+  bool is_causal;
+
+  MaskKind mask_kind;
+  const void* mask;  // uint8 (bool) or float32, see mask_kind
+  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+
+  const uint8_t* key_padding;  // (B, Sk) or nullptr
+  const int32_t* key_len;      // (B) or nullptr (then every key up to Sk may be visible)
+
+  float dropout_p;  // 0: no dropout
+  uint32_t dropout_threshold;
+  PhiloxState philox;
+  int64_t* rng_state;  // forward on CUDA: the kernel records the (seed, offset) it used here
+
+  DType dtype;
+};
+
+struct AttentionBackwardParams {
+  AttentionParams fwd;  // the forward's inputs, its out and lse, and its Philox state
+
+  // dout (B, H, Sq, D), last dim contiguous.
+  const void* dout;
+  int64_t dout_batch_stride, dout_head_stride, dout_row_stride;
+
+  // Gradients, contiguous: dq (B, H, Sq, D); dk, dv (B, Hkv, Sk, D), summed over
+  // the H / Hkv query heads that share each kv head.
+  void* dq;
+  void* dk;
+  void* dv;
+
+  float* delta;  // (B, H, Sq) float32 workspace: rowsum(dout * out)
+};
+
+void attention_forward_cpu(const AttentionParams& p);
+void attention_backward_cpu(const AttentionBackwardParams& p);
+
+#ifdef VAE_EXT_WITH_CUDA
+void attention_forward_cuda(const AttentionParams& p, CUstream_st* stream);
+void attention_backward_cuda(const AttentionBackwardParams& p, CUstream_st* stream);
+#endif
+
+}  // namespace vae_ext

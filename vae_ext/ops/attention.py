@@ -1,0 +1,128 @@
+"""masked_attention: softmax(q kᵀ · scale + mask) v without materialising the S×S scores."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vae_ext import _backend, reference
+from vae_ext._validation import (FLOAT_DTYPES, check_float, check_generator, check_same_device, check_seed,
+                                 check_tensor, seed_to_int64)
+
+OP = "masked_attention"
+
+
+def _has_kernel() -> bool:
+    return _backend.extension_loaded() and hasattr(torch.ops.vae_ext, "masked_attention_forward")
+
+
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False
+             ) -> tuple[bool, str]:
+    """Whether the compiled kernels handle this input, and why not."""
+    ok, reason = _backend.device_supported(device)
+    if not ok:
+        return ok, reason
+    if not _has_kernel():
+        return False, "this build has no masked_attention kernels"
+    if attn_mask_grad:
+        return False, "the kernels do not compute a gradient for attn_mask (it requires grad)"
+    if dtype not in FLOAT_DTYPES:
+        return False, f"dtype {dtype} has no kernel"
+    return True, reason
+
+
+def _check_mask_broadcast(name: str, mask: torch.Tensor, full: tuple[int, int, int, int]) -> None:
+    if mask.dim() > 4:
+        raise ValueError(f"{OP}: {name} must have at most 4 dims (broadcastable to (B, H, Sq, Sk) = {full}), "
+                         f"got shape {tuple(mask.shape)}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, full)
+    except RuntimeError:
+        shape = None
+    if shape != torch.Size(full):
+        raise ValueError(f"{OP}: {name} of shape {tuple(mask.shape)} does not broadcast to (B, H, Sq, Sk) = {full}")
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None, is_causal: bool = False,
+                     scale: float | None = None, dropout_p: float = 0.0, generator: torch.Generator | None = None,
+                     seed: int | None = None) -> torch.Tensor:
+    r"""Masked multi-head attention, softmax(q kᵀ · scale + mask) · v, fused.
+
+    Args:
+        q: (B, H, Sq, D) queries.
+        k, v: (B, Hkv, Sk, D) keys and values; H must be a multiple of Hkv (grouped-query
+            attention; Hkv == H is plain multi-head attention). Sq may differ from Sk.
+        attn_mask: bool (True = may attend, the SDPA convention) or additive float mask,
+            broadcastable to (B, H, Sq, Sk).
+        key_padding_mask: (B, Sk) bool, True = that key is padding and is ignored (the
+            nn.MultiheadAttention convention).
+        is_causal: query i sees keys j <= i, top-left aligned, exactly as
+            F.scaled_dot_product_attention.
+        scale: score scale, default 1/sqrt(D).
+        dropout_p: probability of dropping an attention weight (the kept ones are scaled by
+            1 / (1 - dropout_p)); randomness as in vae_ext.reparameterize (generator / default
+            generator, or an explicit stateless `seed`).
+
+    Masks combine by intersection. A query row that sees no key returns zeros and gets zero
+    gradients. Returns (B, H, Sq, D) in q's dtype. Gradients flow to q, k, v; an attn_mask
+    that requires grad is handled by the reference path.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(OP, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{OP}: {name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        bad = "k" if k.dtype != q.dtype else "v"
+        raise TypeError(f"{OP}: {bad} dtype {(k if bad == 'k' else v).dtype} differs from q dtype {q.dtype}")
+    check_same_device(OP, {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask})
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"{OP}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"{OP}: head dims differ: q {d}, k {k.shape[3]}, v {v.shape[3]}")
+    if tuple(v.shape[1:3]) != (hkv, sk):
+        raise ValueError(f"{OP}: v must have the (Hkv, Sk) of k = {(hkv, sk)}, got {tuple(v.shape[1:3])}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"{OP}: q heads H={h} must be a multiple of k/v heads Hkv={hkv}")
+    full = (b, h, sq, sk)
+    if key_padding_mask is not None:
+        check_tensor(OP, "key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{OP}: key_padding_mask must be bool (True = ignore that key), "
+                            f"got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, sk):
+            raise ValueError(f"{OP}: key_padding_mask must have shape (B, Sk) = {(b, sk)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        check_tensor(OP, "attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"{OP}: attn_mask must be bool (True = attend) or floating (additive), "
+                            f"got {attn_mask.dtype}")
+        _check_mask_broadcast("attn_mask", attn_mask, full)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{OP}: is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if generator is not None and seed is not None:
+        raise ValueError(f"{OP}: pass generator or seed, not both")
+    check_generator(OP, generator, q.device)
+    check_seed(OP, seed)
+
+    mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+    ok, reason = supports(q.device, q.dtype, d, mask_grad)
+    if not _backend.use_extension(OP, ok, reason):
+        return reference.masked_attention(q, k, v, attn_mask, key_padding_mask, is_causal, float(scale),
+                                          float(dropout_p), generator, seed)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(torch.float32)
+    seed64 = None if seed is None else seed_to_int64(seed)
+    out, _lse, _rng = torch.ops.vae_ext.masked_attention_forward(
+        q, k, v, attn_mask, key_padding_mask, is_causal, float(scale), float(dropout_p), seed64, generator)
+    return out
