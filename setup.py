@@ -104,7 +104,7 @@ def make_extension():
         f'-DVAE_EXT_CPU_ARCH="{cpu_arch}"',
         f'-DVAE_EXT_BUILT_WITH_TORCH="{torch.__version__}"',
     ]
-    cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter"] + arch_flags + defines
+    cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-interference-size"] + arch_flags + defines
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="vae_ext._C", include_dirs=include_dirs, extra_link_args=["-fopenmp"])
 

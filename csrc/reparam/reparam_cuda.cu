@@ -3,6 +3,7 @@
 // move as one aligned vector when the layout allows.
 #include "reparam/reparam.h"
 
+#include "common/cuda_launch.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/math.h"
 #include "common/philox.h"
@@ -97,7 +98,7 @@ void reparam_forward_cuda(const ReparamParams& p, CUstream_st* stream) {
     const size_t vec_bytes = 4 * sizeof(T);
     const bool vectorized = p.n % 4 == 0 && aligned(p.mu, vec_bytes) && aligned(p.logvar, vec_bytes) &&
                             aligned(p.eps, vec_bytes) && aligned(p.out, vec_bytes);
-    reparam_forward_kernel<T><<<grid_size((total + 3) / 4, kThreads), kThreads, 0, stream>>>(p, vectorized);
+    launch(reparam_forward_kernel<T>, grid_size((total + 3) / 4, kThreads), kThreads, 0, stream, p, vectorized);
   });
   check_launch("reparameterize forward kernel");
 }
@@ -106,7 +107,7 @@ void reparam_backward_cuda(const ReparamBackwardParams& p, CUstream_st* stream) 
   if (p.n == 0) return;
   dispatch_dtype_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    reparam_backward_kernel<T><<<grid_size(p.n, kThreads), kThreads, 0, stream>>>(p);
+    launch(reparam_backward_kernel<T>, grid_size(p.n, kThreads), kThreads, 0, stream, p);
   });
   check_launch("reparameterize backward kernel");
 }
