@@ -19,6 +19,7 @@
 // 1 / (1 - dropout_p). CPU and CUDA draw the same mask for one explicit seed.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -59,7 +60,11 @@ struct AttentionParams {
   float dropout_p;  // 0: no dropout
   uint32_t dropout_threshold;
   PhiloxState philox;
-  int64_t* rng_state;  // forward on CUDA: the kernel records the (seed, offset) it used here
+  // (seed, offset) the forward used, offset in 32-bit draws as PhiloxState::offset: the
+  // backward regenerates the mask from it. On CPU the glue fills it; on CUDA the forward
+  // kernel writes it (the values are only known on the device under graph capture) and
+  // the backward reads it through PhiloxState{seed_ptr = rng_state, offset_ptr = rng_state + 1}.
+  int64_t* rng_state;
 
   DType dtype;
 };
@@ -78,6 +83,10 @@ struct AttentionBackwardParams {
   void* dv;
 
   float* delta;  // (B, H, Sq) float32 workspace: rowsum(dout * out)
+
+  // Extra device scratch of attention_backward_cuda_workspace_bytes(*this) bytes
+  // (e.g. fp32 dq accumulators), allocated by the glue, not initialised; nullptr on CPU.
+  void* workspace;
 };
 
 void attention_forward_cpu(const AttentionParams& p);
@@ -86,6 +95,7 @@ void attention_backward_cpu(const AttentionBackwardParams& p);
 #ifdef VAE_EXT_WITH_CUDA
 void attention_forward_cuda(const AttentionParams& p, CUstream_st* stream);
 void attention_backward_cuda(const AttentionBackwardParams& p, CUstream_st* stream);
+size_t attention_backward_cuda_workspace_bytes(const AttentionBackwardParams& p);
 #endif
 
 }  // namespace vae_ext
