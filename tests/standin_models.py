@@ -1,9 +1,11 @@
-"""Tiny models with the interface the CLI expects of vae_ext.models, for the CLI tests.
+"""Tiny models with the API of vae_ext.models, for the CLI tests until vae_ext.models lands.
 
-forward(x..., beta) -> ELBO(loss, recon, kl) (means over the batch), encode(x...) -> (mu,
-logvar), decode(z) -> logits (images), generate(z, max_len) -> token ids (text). They call the
-real vae_ext ops, so the CLI tests exercise the backends too.
+forward(x) -> (loss, recon, kl, ...) means over the batch, with a settable `beta`;
+encode(x) -> an object with .mean and .logvar; images: decode(z) -> logits, to_data(logits);
+text: decode(z, max_len) -> greedy token ids. They call the real vae_ext ops.
 """
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -14,27 +16,31 @@ import vae_ext
 class TinyImageVAE(nn.Module):
     def __init__(self, shape, latent):
         super().__init__()
-        self.shape = tuple(shape)
+        self.shape, self.beta = tuple(shape), 1.0
         n = self.shape[0] * self.shape[1] * self.shape[2]
         self.enc = nn.Sequential(nn.Flatten(), nn.Linear(n, 32), nn.ReLU(), nn.Linear(32, 2 * latent))
         self.dec = nn.Sequential(nn.Linear(latent, 32), nn.ReLU(), nn.Linear(32, n))
 
     def encode(self, x):
-        return self.enc(x).chunk(2, dim=-1)
+        mean, logvar = self.enc(x).chunk(2, dim=-1)
+        return SimpleNamespace(mean=mean, logvar=logvar)
 
     def decode(self, z):
         return self.dec(z).view(z.shape[0], *self.shape)
 
-    def forward(self, x, beta=1.0):
-        mu, logvar = self.encode(x)
-        z = vae_ext.reparameterize(mu, logvar)
-        return vae_ext.elbo_loss(self.decode(z), x, mu, logvar, likelihood="bernoulli", beta=beta)
+    def to_data(self, logits):
+        return torch.sigmoid(logits)
+
+    def forward(self, x):
+        q = self.encode(x)
+        z = vae_ext.reparameterize(q.mean, q.logvar)
+        return vae_ext.elbo_loss(self.decode(z), x, q.mean, q.logvar, likelihood="bernoulli", beta=self.beta)
 
 
 class TinyTextVAE(nn.Module):
-    def __init__(self, vocab_size, latent, max_len, pad_id, d=16):
+    def __init__(self, vocab_size, latent, max_len, pad_id, bos_id, d=16):
         super().__init__()
-        self.pad_id, self.max_len, self.d = pad_id, max_len, d
+        self.pad_id, self.bos_id, self.max_len, self.beta = pad_id, bos_id, max_len, 1.0
         self.emb = nn.Embedding(vocab_size, d)
         self.pos = nn.Embedding(max_len, d)
         self.qkv = nn.Linear(d, 3 * d)
@@ -42,30 +48,30 @@ class TinyTextVAE(nn.Module):
         self.from_z = nn.Linear(latent, d)
         self.out = nn.Linear(d, vocab_size)
 
-    def encode(self, tokens, key_padding_mask):
+    def encode(self, tokens):
+        pad = tokens == self.pad_id
         h = self.emb(tokens) + self.pos.weight[:tokens.shape[1]]
         q, k, v = self.qkv(h).unsqueeze(1).chunk(3, dim=-1)  # one head
-        h = vae_ext.masked_attention(q, k, v, key_padding_mask=key_padding_mask).squeeze(1)
-        keep = (~key_padding_mask).unsqueeze(-1).to(h.dtype)
-        pooled = (h * keep).sum(1) / keep.sum(1)
-        return self.to_stats(pooled).chunk(2, dim=-1)
+        h = vae_ext.masked_attention(q, k, v, key_padding_mask=pad).squeeze(1)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        mean, logvar = self.to_stats((h * keep).sum(1) / keep.sum(1)).chunk(2, dim=-1)
+        return SimpleNamespace(mean=mean, logvar=logvar)
 
     def _logits(self, z, prev):
         h = self.emb(prev) + self.pos.weight[:prev.shape[1]] + self.from_z(z).unsqueeze(1)
         return self.out(torch.tanh(h))
 
-    def forward(self, tokens, key_padding_mask, beta=1.0):
-        mu, logvar = self.encode(tokens, key_padding_mask)
-        z = vae_ext.reparameterize(mu, logvar)
+    def forward(self, tokens):
+        q = self.encode(tokens)
+        z = vae_ext.reparameterize(q.mean, q.logvar)
         logits = self._logits(z, tokens[:, :-1])
-        target = tokens[:, 1:].masked_fill(key_padding_mask[:, 1:], -100)
-        return vae_ext.elbo_loss(logits, target, mu, logvar, likelihood="categorical", beta=beta,
-                                 ignore_index=-100)
+        return vae_ext.elbo_loss(logits, tokens[:, 1:], q.mean, q.logvar, likelihood="categorical", beta=self.beta,
+                                 ignore_index=self.pad_id)
 
     @torch.no_grad()
-    def generate(self, z, max_len):
-        out = torch.full((z.shape[0], 1), 1, dtype=torch.int64, device=z.device)  # BOS
-        for _ in range(max_len - 1):
+    def decode(self, z, max_len=None):
+        out = torch.full((z.shape[0], 1), self.bos_id, dtype=torch.int64, device=z.device)
+        for _ in range((max_len or self.max_len) - 1):
             nxt = self._logits(z, out)[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
         return out
@@ -73,7 +79,7 @@ class TinyTextVAE(nn.Module):
 
 def build(kind, **kw):
     if kind == "transformer":
-        return TinyTextVAE(kw["vocab_size"], kw["latent"], kw["max_len"], kw["pad_id"])
+        return TinyTextVAE(kw["vocab_size"], kw["latent"], kw["max_len"], kw["pad_id"], kw["bos_id"])
     return TinyImageVAE(kw["shape"], kw["latent"])
 
 

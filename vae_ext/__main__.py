@@ -66,6 +66,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=d.beta, help="KL weight β after warm-up (default %(default)s)")
     g.add_argument("--kl-warmup", type=float, default=d.kl_warmup,
                    help="epochs over which β rises linearly from 0 to --beta (default %(default)s; 0 = off)")
+    g.add_argument("--free-bits", type=float, default=d.free_bits,
+                   help="transformer: KL floor per latent dimension in nats, against posterior collapse "
+                        "(default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     g = p.add_argument_group("where and how")
@@ -86,7 +89,8 @@ def _config_from_args(args):
                       latent=args.latent, lr=args.lr, beta=args.beta, kl_warmup=args.kl_warmup, seed=args.seed,
                       device=args.device, backend=args.backend, out=args.out, checkpoint=args.checkpoint,
                       level=args.level, max_len=args.max_len, image_size=args.image_size, channels=args.channels,
-                      val_fraction=args.val_fraction, limit=args.limit, grad_clip=args.grad_clip, quiet=args.quiet)
+                      val_fraction=args.val_fraction, limit=args.limit, grad_clip=args.grad_clip,
+                      free_bits=args.free_bits, quiet=args.quiet)
     if args.resume is not None:
         cfg.resume = args.resume or os.path.join(cfg.resolved().out, "checkpoint.pt")
     return cfg

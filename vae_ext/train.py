@@ -13,7 +13,6 @@ and the model configuration) is written at the end of every epoch; --resume cont
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -59,6 +58,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     limit: int | None = None
     grad_clip: float = 1.0
+    free_bits: float = 0.0  # text: KL floor per latent dimension (nats), against posterior collapse
     quiet: bool = False
     outputs: bool = True
 
@@ -92,67 +92,64 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- models
 # The CLI reaches the models only through these functions, so the adapter to the models'
-# API is in one place. Tests replace MODEL_BUILDERS with small stand-ins.
+# API (vae_ext.models: forward -> VAEOutput(loss, recon, kl, ...), a settable `beta`,
+# encode -> DiagonalGaussian, decode) is in one place.
 
 def _build_conv(shape, latent, **_):
     from vae_ext.models import ConvVAE
 
     c, h, w = shape
-    return ConvVAE(in_channels=c, image_size=h, latent_dim=latent)
+    return ConvVAE(in_channels=c, image_size=(h, w), latent_dim=latent)
 
 
 def _build_mlp(shape, latent, **_):
     from vae_ext.models import VAE
 
-    c, h, w = shape
-    return VAE(input_dim=c * h * w, latent_dim=latent)
+    return VAE(input_dim=tuple(shape), latent_dim=latent)
 
 
-def _build_transformer(vocab_size, latent, max_len, pad_id, **_):
+def _build_transformer(vocab_size, latent, max_len, pad_id, bos_id=1, eos_id=2, free_bits=0.0, **_):
     from vae_ext.models import TransformerVAE
 
-    return TransformerVAE(vocab_size=vocab_size, latent_dim=latent, max_len=max_len, pad_id=pad_id)
+    return TransformerVAE(vocab_size=vocab_size, latent_dim=latent, max_len=max_len, pad_id=pad_id, bos_id=bos_id,
+                          eos_id=eos_id, free_bits=free_bits)
 
 
 MODEL_BUILDERS = {"conv": _build_conv, "mlp": _build_mlp, "transformer": _build_transformer}
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _module(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def _model_input(batch):
+    """The model's input of a batch: images, or the (N, T) token ids (the models derive the
+    key padding mask from pad ids; the collate's mask is kept for tasks that need it)."""
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
 def _forward(model, batch, beta: float):
     """ELBO parts (loss, recon, kl), each a mean over the batch, with KL weight beta."""
-    inner = _module(model)
-    args = batch if isinstance(batch, tuple) else (batch,)
-    if _accepts(inner.forward, "beta"):
-        out = model(*args, beta=beta)
-        return out.loss, out.recon, out.kl
-    out = model(*args)
-    return out.recon + beta * out.kl, out.recon, out.kl
+    _module(model).beta = beta
+    out = model(_model_input(batch))
+    return out.loss, out.recon, out.kl
 
 
 def _encode(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    args = batch if isinstance(batch, tuple) else (batch,)
-    return _module(model).encode(*args)
+    """Posterior mean and log-variance (N, latent)."""
+    posterior = _module(model).encode(_model_input(batch))
+    return posterior.mean, posterior.logvar
 
 
 def _decode_images(model, z: torch.Tensor, shape) -> torch.Tensor:
-    """Pixel probabilities in [0, 1], (N, C, H, W), from latents z."""
-    logits = _module(model).decode(z)
-    return torch.sigmoid(logits.float()).reshape(z.shape[0], *shape)
+    """Images in data space ([0, 1] for the Bernoulli likelihood), (N, C, H, W), from latents z."""
+    m = _module(model)
+    return m.to_data(m.decode(z)).float().clamp(0, 1).reshape(z.shape[0], *shape)
 
 
 def _generate(model, z: torch.Tensor, max_len: int) -> torch.Tensor:
     """Greedy token ids (N, T) from latents z."""
-    return _module(model).generate(z, max_len=max_len)
+    return _module(model).decode(z, max_len=max_len)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -295,8 +292,9 @@ class _TextTask(_Task):
     kind = "text"
 
     def model_kwargs(self) -> dict:
-        return {"vocab_size": len(self.data.tokenizer), "latent": self.cfg.latent, "max_len": self.data.max_len,
-                "pad_id": self.data.tokenizer.pad_id}
+        tok = self.data.tokenizer
+        return {"vocab_size": len(tok), "latent": self.cfg.latent, "max_len": self.data.max_len,
+                "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "free_bits": self.cfg.free_bits}
 
     def batch(self, split: str, idx: list[int]):
         seqs = self.data.train if split == "train" else self.data.val
