@@ -62,7 +62,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (also with --resume; default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-3 for images, 5e-4 for text)")
     g.add_argument("--beta", type=float, default=d.beta, help="KL weight β after warm-up (default %(default)s)")
     g.add_argument("--kl-warmup", type=float, default=d.kl_warmup,
                    help="epochs over which β rises linearly from 0 to --beta (default %(default)s; 0 = off)")

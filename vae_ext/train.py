@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     latent: int | None = None  # default: 16 for images, 32 for text
-    lr: float = 2e-3
+    lr: float | None = None  # default: 2e-3 for images, 5e-4 for text
     beta: float = 1.0
     kl_warmup: float = 1.0  # epochs over which beta rises linearly from 0
     seed: int = 0
@@ -70,6 +70,8 @@ class TrainConfig:
             c.data = "text" if c.model == "transformer" else "digits"
         if c.latent is None:
             c.latent = 32 if c.model == "transformer" else 16
+        if c.lr is None:
+            c.lr = 5e-4 if c.model == "transformer" else 2e-3
         if c.max_len is None:
             c.max_len = 128 if c.level == "char" else 40
         if c.out is None:
