@@ -101,6 +101,11 @@ def git_commit() -> str | None:
         return None
 
 
+def _sig(x, digits: int = 4):
+    """x to `digits` significant digits (None stays None): small CPU rates must not round to 0."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
 def results(rows: list[dict], ceil: dict, device_name: str, device_type: str, tests: dict | None = None,
             extra: dict | None = None) -> dict:
     """The results-file dict of DESIGN.md ("Benchmarks")."""
@@ -117,9 +122,7 @@ def results(rows: list[dict], ceil: dict, device_name: str, device_type: str, te
                      "bf16_matmul_tflops" if device_type == "cuda" else "fp32_matmul_tflops":
                          ceil.get(f"{device_type}_matmul_tflops")},
         "results": [{"op": r["op"], "case": r["case"], "impl": r["impl"], "pass": r["pass_"], "device": r["device"],
-                     "median_ms": round(r["median_ms"], 4),
-                     "tflops": None if r.get("tflops") is None else round(r["tflops"], 4),
-                     "gbps": None if r.get("gbps") is None else round(r["gbps"], 2)}
+                     "median_ms": _sig(r["median_ms"]), "tflops": _sig(r.get("tflops")), "gbps": _sig(r.get("gbps"))}
                     for r in rows if r["op"] != "ceiling"],
     }
     if extra:
