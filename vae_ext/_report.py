@@ -59,37 +59,53 @@ def markdown(rows: list[dict], ceil: dict) -> str:
 
 
 def chart(rows: list[dict], path: str, title: str | None = None) -> None:
-    """Bars of speed relative to the reference (higher is better), one group per (op, case, pass)."""
+    """Horizontal bars of speed relative to the reference (higher is better): one panel per
+    op, one group of bars per (case, device, pass), one bar per implementation."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    groups = defaultdict(dict)
+    by_op = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["op"] != "ceiling":
-            groups[f"{r['op']}\n{r['case']}\n{r['device']} {r['pass_']}"][r["impl"]] = r["median_ms"]
+            by_op[r["op"]][f"{r['case']}\n{r['device']} {r['pass_']}"][r["impl"]] = r["median_ms"]
+    if not by_op:
+        return
     order = ["fused", "reference", "compile", "sdpa"]
-    impls = sorted({impl for g in groups.values() for impl in g}, key=lambda i: (order.index(i) if i in order else 9, i))
-    names = sorted(groups)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4.5))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        values = []
-        for n in names:
-            g = groups[n]
-            base = g.get("reference", max(g.values()))
-            values.append(base / g[impl] if impl in g else 0.0)
-        ax.bar([k + i * width for k in range(len(names))], values, width, label=impl)
-    ax.set_xticks([k + width * (len(impls) - 1) / 2 for k in range(len(names))])
-    ax.set_xticklabels(names, fontsize=7)
-    ax.set_ylabel("speed vs reference (x), higher is better")
-    ax.axhline(1.0, color="gray", lw=0.5)
+    impls = sorted({i for groups in by_op.values() for g in groups.values() for i in g},
+                   key=lambda i: (order.index(i) if i in order else 9, i))
+    colors = {impl: f"C{k}" for k, impl in enumerate(impls)}
+    ops = sorted(by_op)
+    heights = [len(by_op[op]) * (0.35 * len(impls) + 0.4) + 0.8 for op in ops]
+    fig, axes = plt.subplots(len(ops), 1, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, op in zip(axes[:, 0], ops):
+        names = sorted(by_op[op])
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            ys, xs = [], []
+            for k, n in enumerate(names):
+                g = by_op[op][n]
+                if impl in g:
+                    ys.append(k + (i - (len(impls) - 1) / 2) * width)
+                    xs.append(g.get("reference", max(g.values())) / g[impl])
+            ax.barh(ys, xs, width, color=colors[impl], label=impl)
+            for y, x in zip(ys, xs):
+                ax.text(x, y, f" {x:.2f}x", va="center", fontsize=7)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="gray", lw=0.6)
+        ax.set_title(op, fontsize=10, loc="left")
+        ax.set_xlabel("speed vs the eager reference (x), higher is better", fontsize=8)
+        ax.margins(x=0.15)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i]) for i in impls]
+    fig.legend(handles, impls, loc="upper right", fontsize=8, ncol=len(impls))
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
