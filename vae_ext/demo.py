@@ -17,7 +17,7 @@ import time
 
 import torch
 
-DEMO_EPOCHS = 30
+DEMO_EPOCHS = 100
 BATCH = 64
 LATENT = 16
 
