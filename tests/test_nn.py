@@ -190,6 +190,10 @@ def test_mha_is_causal_with_bias_kv_keeps_extra_keys_visible():
     _compare(ref, ours, (x, x, x), dict(attn_mask=am, is_causal=True), need_weights=True)
     a = ours(x, x, x, attn_mask=am, is_causal=True, need_weights=False)[0]
     torch.testing.assert_close(a, ref(x, x, x, attn_mask=am, need_weights=True)[0], **F32)
+    for kpm in (torch.tensor([[False] * 5, [False] * 3 + [True] * 2]),
+                torch.tensor([[0.0] * 5, [0.0, -1.0, 0.5, -math.inf, 0.0]])):
+        _compare(ref, ours, (x, x, x), dict(attn_mask=am, key_padding_mask=kpm, is_causal=True))
+        _compare(ref, ours, (x, x, x), dict(attn_mask=am, key_padding_mask=kpm, is_causal=True), need_weights=True)
 
 
 def test_mha_same_parameters_and_init_as_torch():

@@ -123,8 +123,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         causal = bool(is_causal)
         if causal and extra:
             src_len = k.shape[2] - len(extra)
-            mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril()
-            mask = F.pad(mask, (0, len(extra)), value=True)
+            allowed = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril()
+            allowed = F.pad(allowed, (0, len(extra)), value=True)
+            if mask is None:
+                mask = allowed
+            elif mask.dtype == torch.bool:
+                mask = mask & allowed
+            else:
+                mask = mask.masked_fill(~allowed, -math.inf)
             causal = False
 
         dropout_p = self.dropout if self.training else 0.0
