@@ -270,7 +270,8 @@ def test_models_torch_compile_fullgraph():
     ae, x = VAE(64, latent_dim=4, hidden_dims=(32,), autoencoder_mode="ae"), _images(4).flatten(1)
     compiled = torch.compile(ae, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x).loss, ae(x).loss)
-    for model, data in ((VAE(64, latent_dim=4, hidden_dims=(32,)), x), (_tiny_tvae(), _tokens(n=4))):
+    for model, data in ((VAE(64, latent_dim=4, hidden_dims=(32,)), x), MODEL_CASES["conv-gaussian"](),
+                        (_tiny_tvae(), _tokens(n=4))):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         out = compiled(data)
         assert torch.isfinite(out.loss)
