@@ -5,6 +5,10 @@ Operators (each with a CPU kernel, a CUDA kernel and a pure-PyTorch reference):
     reparameterize(mu, logvar, ...)   z = mu + eps * exp(0.5 * logvar), eps drawn in-kernel
     elbo_loss(recon, target, mu, logvar, ...)   reconstruction NLL + beta * KL, gradients in one pass
 
+Modules (vae_ext.nn) and models (vae_ext.models), imported on first use:
+    vae_ext.nn.MultiheadAttention, replace_attention, TransformerEncoderLayer/DecoderLayer,
+    DiagonalGaussian, ELBOLoss, Reparameterize; vae_ext.models.VAE, ConvVAE, TransformerVAE
+
 Backend control: the environment variable VAE_EXT_BACKEND=auto|extension|reference,
 or `with vae_ext.use_backend("reference"): ...`; `vae_ext.backend_info()` says what runs.
 """
@@ -18,5 +22,20 @@ from vae_ext.ops import elbo_loss, masked_attention, reparameterize  # noqa: E40
 from vae_ext._types import ELBO  # noqa: E402
 from vae_ext._info import backend_info  # noqa: E402
 
-__all__ = ["ELBO", "__version__", "backend_info", "elbo_loss", "masked_attention", "ops", "reference",
-           "reparameterize", "use_backend"]
+__all__ = ["ELBO", "__version__", "backend_info", "elbo_loss", "masked_attention", "models", "nn", "ops",
+           "reference", "reparameterize", "use_backend"]
+
+_LAZY_SUBMODULES = ("nn", "models")
+
+
+def __getattr__(name: str):
+    # vae_ext.nn and vae_ext.models are imported on first use, keeping `import vae_ext` light.
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"vae_ext.{name}")
+    raise AttributeError(f"module 'vae_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -138,7 +138,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         if attn_mask.dtype == torch.bool:
             visible = visible & attn_mask
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.to(scores.dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)  # the row sees no key: its probabilities are zero

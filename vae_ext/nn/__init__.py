@@ -1,0 +1,21 @@
+"""Drop-in modules on the fused operators.
+
+    MultiheadAttention          torch.nn.MultiheadAttention on vae_ext.masked_attention (same API and weights)
+    replace_attention(model)    swap every torch.nn.MultiheadAttention (and torch's Transformer layers) in a model
+    TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder, TransformerDecoder
+                                torch-compatible Transformer layers and stacks on the fused attention
+    subsequent_mask, PositionalEncoding, LearnedPositionalEncoding, sinusoidal_table
+    DiagonalGaussian            the VAE posterior (diffusers' DiagonalGaussianDistribution API, any rank)
+    ELBOLoss, Reparameterize    module forms of vae_ext.elbo_loss and vae_ext.reparameterize
+"""
+
+from vae_ext.nn.attention import MultiheadAttention, replace_attention
+from vae_ext.nn.distributions import DiagonalGaussian
+from vae_ext.nn.losses import ELBOLoss, Reparameterize
+from vae_ext.nn.transformer import (LearnedPositionalEncoding, PositionalEncoding, TransformerDecoder,
+                                    TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
+                                    sinusoidal_table, subsequent_mask)
+
+__all__ = ["DiagonalGaussian", "ELBOLoss", "LearnedPositionalEncoding", "MultiheadAttention", "PositionalEncoding",
+           "Reparameterize", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
+           "TransformerEncoderLayer", "replace_attention", "sinusoidal_table", "subsequent_mask"]
