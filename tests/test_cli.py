@@ -15,38 +15,12 @@ from vae_ext import data as vdata
 from vae_ext.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-try:
-    import vae_ext.models  # noqa: F401
-    REAL_MODELS = True
-except ImportError:
-    REAL_MODELS = False
-
-
-@pytest.fixture(autouse=True)
-def models(monkeypatch):
-    """Until vae_ext.models lands, the CLI builds the small stand-ins of standin_models.py."""
-    if not REAL_MODELS:
-        import standin_models
-        from vae_ext import train
-
-        monkeypatch.setattr(train, "MODEL_BUILDERS", dict(standin_models.BUILDERS))
-
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # this checkout's vae_ext
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def _cli_prefix():
-    """How a subprocess runs the CLI (through the stand-ins until vae_ext.models lands)."""
-    if REAL_MODELS:
-        return ["-m", "vae_ext"]
-    return ["-c", "import sys, standin_models; standin_models.install(); from vae_ext.__main__ import main; "
-                  "sys.exit(main())"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -247,7 +221,7 @@ def test_resume_errors(tmp_path, capsys):
 
 def test_bad_data_path_exits_2_with_message(tmp_path):
     missing = tmp_path / "no_such_data"
-    r = subprocess.run([sys.executable, *_cli_prefix(), "train", "--data", str(missing), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "vae_ext", "train", "--data", str(missing), "--quiet"],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "no such file or folder" in r.stderr and str(missing) in r.stderr
@@ -275,13 +249,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}"]
-    if REAL_MODELS:
-        cmd = torchrun + ["-m", "vae_ext"]
-    else:
-        script = tmp_path / "entry.py"
-        script.write_text("import sys, standin_models\nstandin_models.install()\n"
-                          "from vae_ext.__main__ import main\nsys.exit(main())\n")
-        cmd = torchrun + [str(script)]
+    cmd = torchrun + ["-m", "vae_ext"]
     cmd += ["train", "--model", "conv", "--epochs", "1", "--limit", "256", "--batch-size", "32",
             "--out", str(out), "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
