@@ -124,6 +124,8 @@ def test_warp_collectives_barriers_atomics(emu, blocks, block):
             ffs = torch.tensor([0] + [(i & -i).bit_length() for i in range(1, 32)], dtype=torch.float32)
             assert torch.equal(o[:, 21], popc + 100 * ffs)
             torch.testing.assert_close(o[:, 22], torch.exp(v), rtol=2e-6, atol=0)
+            assert torch.equal(o[:, 23], (v > 0).float()[lane ^ 1])
+            assert torch.equal(o[:, 24], v.half().float()[lane ^ 3])
             partial.append(s[0])
         block_sum = torch.zeros((), dtype=torch.float32)
         for p in partial:
@@ -238,6 +240,7 @@ MISBEHAVIOUR = [
     ("global_write_overrun", 5, r"wrote past the end of a device buffer of 20 bytes"),
     ("trap", 128, r"thread \(37,0,0\).*__trap\(\)"),
     ("divide_by_zero", 32, r"arithmetic exception"),
+    ("assert", 64, r"thread \(40,0,0\).*assertion `threadIdx.x < 40' failed \(selftest.cu:\d+\) in"),
     ("stack_overflow", 100, r"stack overflow of an emulated thread"),
 ]
 

@@ -14,7 +14,6 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -22,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(VAE_EXT_EMU_UCONTEXT)
 #include <ucontext.h>
 #endif
 
@@ -41,7 +40,6 @@ constexpr unsigned kMaxBlockDim[3] = {1024, 1024, 64};
 constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535, 65535};
 constexpr size_t kDefaultMaxDynamicSmem = 48 << 10;   // without cudaFuncSetAttribute
 constexpr size_t kMaxDynamicSmemOptin = 227 << 10;    // 232448 bytes per block
-constexpr size_t kSmemPerSm = 228 << 10;
 constexpr unsigned char kPoison = 0xFF;   // fresh shared / device memory: NaN for every float type
 constexpr unsigned char kCanary = 0xA5;   // guard bytes around shared / device memory
 constexpr size_t kCanaryBytes = 256;
@@ -88,7 +86,7 @@ std::string lane_set(unsigned mask) {
 
 // ---------------------------------------------------------------- execution contexts
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(VAE_EXT_EMU_UCONTEXT)
 // Cooperative context switch (System V x86-64): saves the callee-saved registers
 // on the current stack, swaps stack pointers, restores. A new context starts in
 // vae_ext_emu_trampoline, which calls r13(r12).
@@ -175,6 +173,7 @@ void make_context(Context& ctx, char* stack_lo, size_t stack_bytes, void (*fn)(v
 
 struct PendingCopy {
   void* dst;
+  uint64_t group;  // commit group: the number of groups committed before it was issued
   unsigned char data[16];
 };
 
@@ -191,8 +190,9 @@ struct Fiber {
   const char* wait_file = nullptr;
   int wait_line = 0;
   int barrier_result = 0;
-  std::vector<PendingCopy> cp_open;                // issued, not committed
-  std::deque<std::vector<PendingCopy>> cp_groups;  // committed groups, oldest first
+  std::vector<PendingCopy> cp_pending;  // issued cp.async copies not yet written, oldest first
+  size_t cp_head = 0;                   // cp_pending[0, cp_head) were written
+  uint64_t cp_committed = 0;            // cp.async.commit_group count
 
   ~Fiber() {
     if (stack_map != nullptr) munmap(stack_map, stack_map_bytes);
@@ -384,26 +384,31 @@ bool canaries_intact(const char* begin, const char* end) {
   return true;
 }
 
+// Reports (once: the canaries are restored) a write before or after a device buffer.
 std::string check_buffer_canaries() {
   Device& D = device();
+  std::string error;
   for (const auto& [addr, b] : D.buffers) {
-    const char* front = std::max(b.map, b.data - kCanaryBytes);
-    if (!canaries_intact(front, b.data)) {
-      return format("a kernel wrote before the start of a device buffer of %zu bytes at %p", b.bytes,
-                    static_cast<void*>(b.data));
+    char* front = std::max(b.map, b.data - kCanaryBytes);
+    const char* where = !canaries_intact(front, b.data)                 ? "before the start"
+                        : !canaries_intact(b.data + b.bytes, b.guard) ? "past the end"
+                                                                        : nullptr;
+    if (where == nullptr) continue;
+    if (error.empty()) {
+      error = format("a kernel wrote %s of a device buffer of %zu bytes at %p", where, b.bytes,
+                     static_cast<void*>(b.data));
     }
-    if (!canaries_intact(b.data + b.bytes, b.guard)) {
-      return format("a kernel wrote past the end of a device buffer of %zu bytes at %p", b.bytes,
-                    static_cast<void*>(b.data));
-    }
+    std::memset(front, kCanary, static_cast<size_t>(b.data - front));
+    std::memset(b.data + b.bytes, kCanary, static_cast<size_t>(b.guard - (b.data + b.bytes)));
   }
-  return "";
+  return error;
 }
 
 // ---------------------------------------------------------------- faults inside kernels
 
-struct sigaction g_old_action[3];
-const int kSignals[3] = {SIGSEGV, SIGBUS, SIGFPE};
+constexpr int kNumSignals = 4;
+const int kSignals[kNumSignals] = {SIGSEGV, SIGBUS, SIGFPE, SIGABRT};
+struct sigaction g_old_action[kNumSignals];
 stack_t g_old_altstack;
 char* g_altstack = nullptr;
 constexpr size_t kAltstackBytes = 1 << 16;
@@ -413,6 +418,10 @@ void describe_fault(int sig, const void* addr) {
   const char* op = D.in_op ? D.in_op : "an access of the kernel";
   const auto a = reinterpret_cast<uintptr_t>(addr);
   const size_t page = page_size();
+  if (sig == SIGABRT) {  // a failed assert() prints its message, then aborts
+    snprintf(D.fault_msg, sizeof(D.fault_msg), "abort() in a kernel (a failed assert? its message is on stderr)");
+    return;
+  }
   if (sig == SIGFPE) {
     snprintf(D.fault_msg, sizeof(D.fault_msg), "arithmetic exception (integer division by zero?)%s%s",
              D.in_op ? " in " : "", D.in_op ? D.in_op : "");
@@ -453,7 +462,8 @@ void on_signal(int sig, siginfo_t* info, void* uctx) {
     switch_context(D.current->ctx, D.sched);  // abandon the faulting thread; never returns
   }
   // Not a fault of an emulated thread: hand it to whoever handled it before.
-  const int i = sig == SIGSEGV ? 0 : sig == SIGBUS ? 1 : 2;
+  int i = 0;
+  while (i + 1 < kNumSignals && kSignals[i] != sig) ++i;
   const struct sigaction& old = g_old_action[i];
   if (old.sa_flags & SA_SIGINFO) {
     if (old.sa_sigaction != nullptr) {
@@ -478,31 +488,32 @@ struct SignalGuard {
     sa.sa_sigaction = &on_signal;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &sa, &g_old_action[i]);
+    for (int i = 0; i < kNumSignals; ++i) sigaction(kSignals[i], &sa, &g_old_action[i]);
   }
   ~SignalGuard() {
-    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &g_old_action[i], nullptr);
+    for (int i = 0; i < kNumSignals; ++i) sigaction(kSignals[i], &g_old_action[i], nullptr);
     sigaltstack(&g_old_altstack, nullptr);
   }
 };
 
 // ---------------------------------------------------------------- cp.async
 
-void apply_copies(std::vector<PendingCopy>& group) {
+// Writes the thread's pending cp.async copies of the groups before `group_end` to shared memory.
+void apply_copies(Fiber* f, uint64_t group_end) {
   Device& D = device();
   D.in_op = "the shared-memory write of a cp.async";
-  for (const PendingCopy& c : group) std::memcpy(c.dst, c.data, 16);
+  while (f->cp_head < f->cp_pending.size() && f->cp_pending[f->cp_head].group < group_end) {
+    const PendingCopy& c = f->cp_pending[f->cp_head++];
+    std::memcpy(c.dst, c.data, 16);
+  }
   D.in_op = nullptr;
-  group.clear();
+  if (f->cp_head == f->cp_pending.size()) {
+    f->cp_pending.clear();
+    f->cp_head = 0;
+  }
 }
 
-void flush_copies(Fiber* f) {
-  while (!f->cp_groups.empty()) {
-    apply_copies(f->cp_groups.front());
-    f->cp_groups.pop_front();
-  }
-  apply_copies(f->cp_open);
-}
+void flush_copies(Fiber* f) { apply_copies(f, UINT64_MAX); }  // at exit, uncommitted copies land too
 
 // ---------------------------------------------------------------- warp collectives
 
@@ -853,8 +864,9 @@ void run_block(uint3 block_idx, uint64_t block_linear) {
     f.st.grid_dim = D.grid;
     f.state = FiberState::kRunnable;
     f.wait_what = nullptr;
-    f.cp_open.clear();
-    f.cp_groups.clear();
+    f.cp_pending.clear();
+    f.cp_head = 0;
+    f.cp_committed = 0;
     make_context(f.ctx, f.stack_map + page_size(), f.stack_map_bytes - page_size(), &fiber_main, &f);
   }
   if (D.smem_bytes > 0) std::memset(D.smem, kPoison, D.smem_bytes);
@@ -1159,6 +1171,7 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, const char* fi
   }
   PendingCopy copy;
   copy.dst = smem_dst;
+  copy.group = f->cp_committed;
   if (pred) {
     if (reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) {
       fail(format("cp.async%s: global source %p is not 16-byte aligned", site(file, line).c_str(), gmem_src));
@@ -1173,21 +1186,19 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, const char* fi
   } else {
     std::memset(copy.data, 0, 16);  // src-size 0: zero fill, nothing read
   }
-  f->cp_open.push_back(copy);
+  f->cp_pending.push_back(copy);
 }
 
 void cp_async_commit() {
   Fiber* f = current_fiber("cp.async.commit_group");
-  f->cp_groups.emplace_back(std::move(f->cp_open));
-  f->cp_open.clear();
+  ++f->cp_committed;
 }
 
 void cp_async_wait(int pending_groups) {
   Fiber* f = current_fiber("cp.async.wait_group");
-  while (f->cp_groups.size() > static_cast<size_t>(std::max(pending_groups, 0))) {
-    apply_copies(f->cp_groups.front());
-    f->cp_groups.pop_front();
-  }
+  // Complete all but the `pending_groups` most recent committed groups.
+  const uint64_t keep = static_cast<uint64_t>(std::max(pending_groups, 0));
+  if (f->cp_committed > keep) apply_copies(f, f->cp_committed - keep);
 }
 
 uint32_t pack_16bit(float lo, float hi, bool bf16) {
@@ -1243,6 +1254,17 @@ void device_free(void* ptr) {
 }
 
 }  // namespace vae_ext::emu
+
+extern "C" void vae_ext_emu_assert_fail(const char* assertion, const char* file, unsigned int line,
+                                        const char* function) noexcept {
+  using vae_ext::emu::device;
+  if (device().current != nullptr && device().active && pthread_equal(device().owner, pthread_self())) {
+    vae_ext::emu::fail(vae_ext::emu::format("assertion `%s' failed%s in %s", assertion,
+                                            vae_ext::emu::site(file, static_cast<int>(line)).c_str(), function));
+  }
+  std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
+  std::abort();
+}
 
 // ---------------------------------------------------------------- the CUDA runtime API (host side)
 

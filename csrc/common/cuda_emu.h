@@ -90,6 +90,12 @@
 
 #include "common/cuda_emu_host.h"  // device memory, settings, counters
 
+// A failed assert() in a kernel fails the launch (naming the thread and the assertion) instead of aborting
+// the process: glibc's assert macro calls __assert_fail, renamed here to the emulator's.
+extern "C" [[noreturn]] void vae_ext_emu_assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                     const char* function) noexcept;
+#define __assert_fail vae_ext_emu_assert_fail
+
 // ---------------------------------------------------------------- qualifiers
 
 #undef __global__
@@ -144,8 +150,7 @@ void yield();
 
 template <typename T>
 inline uint64_t to_bits(const T& v) {
-  static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8),
-                "warp shuffles move 2-, 4- or 8-byte trivially copyable values");
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8);
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   return bits;
@@ -154,13 +159,21 @@ inline uint64_t to_bits(const T& v) {
 template <typename T>
 inline T from_bits(uint64_t bits) {
   T v;
-  std::memcpy(&v, &bits, sizeof(T));
+  std::memcpy(static_cast<void*>(&v), &bits, sizeof(T));
   return v;
 }
+
+// The types the CUDA shuffle overloads take (smaller integers convert to int, as there).
+template <typename T>
+using shfl_type_t = std::conditional_t<std::is_integral_v<T> && (sizeof(T) < 4), int, T>;
+template <typename T>
+constexpr bool kShuffleable = std::is_arithmetic_v<T> || std::is_same_v<T, __half> || std::is_same_v<T, __half2> ||
+                              std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __nv_bfloat162>;
 
 // 8-byte values are two 32-bit shuffles on the device: the same lanes, so the same result as one.
 template <typename T>
 inline T shfl_typed(ShflMode mode, unsigned mask, T var, int lane_arg, int width, const char* file, int line) {
+  static_assert(kShuffleable<T>, "__shfl*_sync takes arithmetic types, __half(2) and __nv_bfloat16(2)");
   return from_bits<T>(shfl(mode, mask, to_bits(var), lane_arg, width, file, line));
 }
 
@@ -245,8 +258,9 @@ namespace vae_ext::emu::detail {
 inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) { syncwarp(mask, file, line); }
 
 template <typename T>
-inline T shfl_at(ShflMode mode, const char* file, int line, unsigned mask, T var, int lane_arg, int width = 32) {
-  return shfl_typed<T>(mode, mask, var, lane_arg, width, file, line);
+inline shfl_type_t<T> shfl_at(ShflMode mode, const char* file, int line, unsigned mask, T var, int lane_arg,
+                              int width = 32) {
+  return shfl_typed<shfl_type_t<T>>(mode, mask, static_cast<shfl_type_t<T>>(var), lane_arg, width, file, line);
 }
 
 // __reduce_{add,min,max}_sync exist for unsigned and int.
@@ -304,6 +318,44 @@ VAE_EMU_ATOMIC_RMW(atomicXor, unsigned long long, old ^ val)
 VAE_EMU_ATOMIC_RMW(atomicInc, unsigned int, old >= val ? 0u : old + 1u)
 VAE_EMU_ATOMIC_RMW(atomicDec, unsigned int, (old == 0u || old > val) ? val : old - 1u)
 #undef VAE_EMU_ATOMIC_RMW
+
+// 16-bit and vector atomicAdd (sm_70+ / sm_80+ / sm_90): the sum rounded to the element type.
+inline __half atomicAdd(__half* address, __half val) {
+  const __half old = *address;
+  *address = __float2half_rn(__half2float(old) + __half2float(val));
+  return old;
+}
+inline __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 val) {
+  const __nv_bfloat16 old = *address;
+  *address = __float2bfloat16_rn(__bfloat162float(old) + __bfloat162float(val));
+  return old;
+}
+inline __half2 atomicAdd(__half2* address, __half2 val) {
+  const __half2 old = *address;
+  __half lo = old.x, hi = old.y;
+  atomicAdd(&lo, val.x);
+  atomicAdd(&hi, val.y);
+  *address = __halves2half2(lo, hi);
+  return old;
+}
+inline __nv_bfloat162 atomicAdd(__nv_bfloat162* address, __nv_bfloat162 val) {
+  const __nv_bfloat162 old = *address;
+  __nv_bfloat16 lo = old.x, hi = old.y;
+  atomicAdd(&lo, val.x);
+  atomicAdd(&hi, val.y);
+  *address = __halves2bfloat162(lo, hi);
+  return old;
+}
+inline float2 atomicAdd(float2* address, float2 val) {
+  const float2 old = *address;
+  *address = make_float2(old.x + val.x, old.y + val.y);
+  return old;
+}
+inline float4 atomicAdd(float4* address, float4 val) {
+  const float4 old = *address;
+  *address = make_float4(old.x + val.x, old.y + val.y, old.z + val.z, old.w + val.w);
+  return old;
+}
 
 #define VAE_EMU_ATOMIC_CAS(T)                            \
   inline T atomicCAS(T* address, T compare, T val) {     \
@@ -368,19 +420,31 @@ inline unsigned int __float_as_uint(float x) { unsigned int i; std::memcpy(&i, &
 inline double __longlong_as_double(long long x) { double d; std::memcpy(&d, &x, 8); return d; }
 inline long long __double_as_longlong(double x) { long long i; std::memcpy(&i, &x, 8); return i; }
 
-// Integer min / max as the CUDA math API declares them.
-inline int min(int a, int b) { return a < b ? a : b; }
-inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+// min / max as the CUDA math API declares them (mixed signedness: the unsigned type, as there).
+#define VAE_EMU_MIN_MAX(R, A, B)                                                                      \
+  inline R min(A a, B b) { return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); } \
+  inline R max(A a, B b) { return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); }
+VAE_EMU_MIN_MAX(int, int, int)
+VAE_EMU_MIN_MAX(unsigned int, unsigned int, unsigned int)
+VAE_EMU_MIN_MAX(unsigned int, int, unsigned int)
+VAE_EMU_MIN_MAX(unsigned int, unsigned int, int)
+VAE_EMU_MIN_MAX(long, long, long)
+VAE_EMU_MIN_MAX(unsigned long, unsigned long, unsigned long)
+VAE_EMU_MIN_MAX(unsigned long, long, unsigned long)
+VAE_EMU_MIN_MAX(unsigned long, unsigned long, long)
+VAE_EMU_MIN_MAX(long long, long long, long long)
+VAE_EMU_MIN_MAX(unsigned long long, unsigned long long, unsigned long long)
+VAE_EMU_MIN_MAX(unsigned long long, long long, unsigned long long)
+VAE_EMU_MIN_MAX(unsigned long long, unsigned long long, long long)
+#undef VAE_EMU_MIN_MAX
 inline float min(float a, float b) { return std::fmin(a, b); }
 inline double min(double a, double b) { return std::fmin(a, b); }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+inline double min(float a, double b) { return std::fmin(static_cast<double>(a), b); }
+inline double min(double a, float b) { return std::fmin(a, static_cast<double>(b)); }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
+inline double max(float a, double b) { return std::fmax(static_cast<double>(a), b); }
+inline double max(double a, float b) { return std::fmax(a, static_cast<double>(b)); }
 
 // ---------------------------------------------------------------- float intrinsics
 // The fast-math intrinsics compute what the hardware computes up to its

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
 #include <cstdint>
 
 #include "common/cuda_launch.cuh"
@@ -22,11 +23,11 @@ constexpr int kBM = 64, kBN = 32, kBK = 32;  // block tile; 4 warps, each 16 row
 constexpr int kPad = 8;                      // smem row padding (elements): rows stay 16-byte aligned
 constexpr int kThreads = 128;
 
-// C[M, N] (fp32) = A[M, K] @ B where B is row-major [K, N] or, with b_nk, stored as [N, K].
-// M % 64 == 0, N % 32 == 0, K % 32 == 0.
+// C[M, N] (fp32) = A[M, K] @ B where B is row-major [K, N] or, with b_nk, stored as [N, K]; the grid
+// covers M / 64 x N / 32 blocks. M % 64 == 0, N % 32 == 0, K % 32 == 0.
 template <typename T, bool kBf16>
 __global__ void __launch_bounds__(kThreads)
-    mma_matmul_kernel(const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ C, int M, int N, int K,
+    mma_matmul_kernel(const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ C, int N, int K,
                       bool b_nk) {
   T* sA = reinterpret_cast<T*>(dev::dynamic_smem());                      // [kBM][kBK + kPad]
   T* sB = sA + kBM * (kBK + kPad);                                         // [kBK][kBN + kPad] or [kBN][kBK + kPad]
@@ -170,6 +171,8 @@ __global__ void warp_ops_kernel(const float* x, float* out, float* fsum, int* is
   o[20] = __uint_as_float(__float_as_uint(v));
   o[21] = static_cast<float>(__popc(static_cast<unsigned>(lane)) + 100 * __ffs(lane));
   o[22] = __expf(v);
+  o[23] = static_cast<float>(__shfl_xor_sync(0xffffffffu, v > 0.0f, 1));  // bool: shuffled as int
+  o[24] = __half2float(__shfl_xor_sync(0xffffffffu, __float2half_rn(v), 3));
   __syncwarp();
 }
 
@@ -274,6 +277,11 @@ __global__ void trap_kernel(float* out) {
 
 __global__ void divide_by_zero_kernel(const int* in, int* out) { out[threadIdx.x] = 100 / in[threadIdx.x]; }
 
+__global__ void assert_kernel(float* out) {
+  assert(threadIdx.x < 40);
+  out[threadIdx.x] = 1.0f;
+}
+
 __device__ __noinline__ int deep_recursion(int depth) {
   volatile char frame[4096];
   frame[0] = static_cast<char>(depth);
@@ -324,10 +332,10 @@ void mma_matmul(const void* A, const void* B, float* C, int M, int N, int K, boo
   const size_t smem = sizeof(uint16_t) * (kBM * (kBK + kPad) + (b_nk ? kBN * (kBK + kPad) : kBK * (kBN + kPad)));
   if (bf16) {
     launch(mma_matmul_kernel<__nv_bfloat16, true>, grid, kThreads, smem, nullptr,
-           static_cast<const __nv_bfloat16*>(A), static_cast<const __nv_bfloat16*>(B), C, M, N, K, b_nk);
+           static_cast<const __nv_bfloat16*>(A), static_cast<const __nv_bfloat16*>(B), C, N, K, b_nk);
   } else {
     launch(mma_matmul_kernel<__half, false>, grid, kThreads, smem, nullptr, static_cast<const __half*>(A),
-           static_cast<const __half*>(B), C, M, N, K, b_nk);
+           static_cast<const __half*>(B), C, N, K, b_nk);
   }
 }
 
@@ -393,6 +401,8 @@ void misbehave(const char* what, float* out, const float* in, int* iout, const i
     launch(global_write_overrun_kernel, 1, 32, 0, nullptr, out, n);
   } else if (w == "trap") {
     launch(trap_kernel, 2, 64, 0, nullptr, out);
+  } else if (w == "assert") {
+    launch(assert_kernel, 1, 64, 0, nullptr, out);
   } else if (w == "divide_by_zero") {
     launch(divide_by_zero_kernel, 1, 32, 0, nullptr, iin, iout);
   } else if (w == "stack_overflow") {

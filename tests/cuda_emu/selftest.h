@@ -7,7 +7,7 @@
 
 namespace vae_ext::emu_selftest {
 
-constexpr int kWarpOpsCols = 23;  // results per thread of warp_ops
+constexpr int kWarpOpsCols = 25;  // results per thread of warp_ops
 
 void mma_matmul(const void* A, const void* B, float* C, int M, int N, int K, bool bf16, bool b_nk);
 void pack(const float* x, uint32_t* out, int pairs);
