@@ -242,6 +242,7 @@ MISBEHAVIOUR = [
     ("divide_by_zero", 32, r"arithmetic exception"),
     ("assert", 64, r"thread \(40,0,0\).*assertion `threadIdx.x < 40' failed \(selftest.cu:\d+\) in"),
     ("stack_overflow", 100, r"stack overflow of an emulated thread"),
+    ("spin_forever", 32, r"livelock: .* __nanosleep"),
 ]
 
 

@@ -190,6 +190,7 @@ struct Fiber {
   const char* wait_file = nullptr;
   int wait_line = 0;
   int barrier_result = 0;
+  bool yielded = false;                 // its last run ended in __nanosleep (livelock detection)
   std::vector<PendingCopy> cp_pending;  // issued cp.async copies not yet written, oldest first
   size_t cp_head = 0;                   // cp_pending[0, cp_head) were written
   uint64_t cp_committed = 0;            // cp.async.commit_group count
@@ -873,17 +874,20 @@ void run_block(uint3 block_idx, uint64_t block_linear) {
 
   const bool reverse = (block_linear & 1) != 0;
   unsigned remaining = n;
+  uint64_t idle_sweeps = 0;  // sweeps in which every thread that ran only went back to __nanosleep
   while (remaining > 0) {
-    bool ran = false;
+    bool ran = false, progress = false;
     for (unsigned k = 0; k < n; ++k) {
       Fiber& f = *D.fibers[reverse ? n - 1 - k : k];
       if (f.state != FiberState::kRunnable) continue;
       D.current = &f;
       detail::g_state = &f.st;
+      f.yielded = false;
       switch_context(D.sched, f.ctx);
       D.current = nullptr;
       D.stats.context_switches += 2;
       ran = true;
+      progress = progress || !f.yielded;
       if (D.failed) {
         if (D.fault_fiber != nullptr && D.error.empty()) D.error = thread_name(*D.fault_fiber) + ": " + D.fault_msg;
         return;
@@ -893,6 +897,15 @@ void run_block(uint3 block_idx, uint64_t block_linear) {
     if (!ran) {
       D.failed = true;
       D.error = format("block (%u,%u,%u): ", block_idx.x, block_idx.y, block_idx.z) + deadlock_report();
+      return;
+    }
+    idle_sweeps = progress ? 0 : idle_sweeps + 1;
+    if (idle_sweeps > (1u << 20)) {
+      D.failed = true;
+      D.error = format("block (%u,%u,%u): livelock: for %llu rounds every running thread only went back to "
+                       "__nanosleep (waiting for another block? blocks run one after another here)",
+                       block_idx.x, block_idx.y, block_idx.z, static_cast<unsigned long long>(idle_sweeps)) +
+                (D.barrier.arrived > 0 || D.exited > 0 ? std::string(" ") + deadlock_report() : std::string());
       return;
     }
   }
@@ -1111,6 +1124,7 @@ int syncthreads(int op, int predicate, const char* file, int line) {
 
 void yield() {
   Fiber* f = current_fiber("__nanosleep");
+  f->yielded = true;
   switch_context(f->ctx, device().sched);
 }
 

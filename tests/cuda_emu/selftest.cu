@@ -209,6 +209,12 @@ __global__ void spin_wait_kernel(int* flag, int* out) {
 
 // ---------------------------------------------------------------- kernels that break the rules
 
+__global__ void spin_forever_kernel(int* flag) {  // waits for a flag that no thread of the block sets
+  if (threadIdx.x == 0) {
+    while (atomicAdd(flag, 0) == 0) __nanosleep(100);
+  }
+}
+
 __global__ void smem_write_overrun_kernel(int bytes) { dev::dynamic_smem()[bytes + threadIdx.x % 4] = 1; }
 
 __global__ void smem_read_overrun_kernel(int bytes, float* out) {
@@ -401,6 +407,8 @@ void misbehave(const char* what, float* out, const float* in, int* iout, const i
     launch(global_write_overrun_kernel, 1, 32, 0, nullptr, out, n);
   } else if (w == "trap") {
     launch(trap_kernel, 2, 64, 0, nullptr, out);
+  } else if (w == "spin_forever") {
+    launch(spin_forever_kernel, 1, 64, 0, nullptr, iout);
   } else if (w == "assert") {
     launch(assert_kernel, 1, 64, 0, nullptr, out);
   } else if (w == "divide_by_zero") {

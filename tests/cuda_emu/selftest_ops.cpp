@@ -107,7 +107,7 @@ int64_t noop(int64_t blocks, at::IntArrayRef block, int64_t smem) {
 void misbehave(const std::string& what, int64_t n) {
   at::Tensor out = device_empty({n}, at::kFloat);
   at::Tensor in = to_device(at::ones({n}, at::kFloat));
-  at::Tensor iout = device_empty({std::max<int64_t>(n, 32)}, at::kInt);
+  at::Tensor iout = to_device(at::zeros({std::max<int64_t>(n, 32)}, at::kInt));
   at::Tensor iin = to_device(at::zeros({32}, at::kInt));
   st::misbehave(what.c_str(), out.mutable_data_ptr<float>(), in.const_data_ptr<float>(), iout.mutable_data_ptr<int>(),
                 iin.const_data_ptr<int>(), static_cast<int>(n));
