@@ -12,8 +12,7 @@ import cuda_emu
 from conftest import EXT, FLOAT_DTYPES, assert_close, requires_ext
 from vae_ext import reference
 
-_UNAVAILABLE = cuda_emu.unavailable_reason()
-pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"CUDA emulation: {_UNAVAILABLE}")
+pytestmark = cuda_emu.requires_emulation
 
 
 @pytest.fixture(scope="module")

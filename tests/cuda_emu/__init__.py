@@ -123,9 +123,24 @@ def _check_cuda_symbols(lib):
                            + ", ".join(missing) + " (add them to csrc/common/cuda_emu.h / cuda_emu.cpp)")
 
 
-@functools.lru_cache(maxsize=None)
+_build_error = None
+
+
 def load():
-    """Builds (if needed) and loads the emulated kernels; returns torch.ops.vae_ext_emu."""
+    """Builds (if needed) and loads the emulated kernels; returns torch.ops.vae_ext_emu. A failed build is
+    reported once and then re-raised without rebuilding."""
+    global _build_error
+    if _build_error is not None:
+        raise RuntimeError(f"the emulated CUDA build failed earlier in this session: {_build_error}")
+    try:
+        return _load()
+    except Exception as e:
+        _build_error = e
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError("CUDA emulation unavailable: " + reason)
@@ -145,3 +160,14 @@ def load():
     )
     _check_cuda_symbols(lib)
     return torch.ops.vae_ext_emu
+
+
+def _requires_emulation():
+    import pytest
+
+    reason = unavailable_reason()
+    return pytest.mark.skipif(reason is not None, reason=f"CUDA emulation unavailable: {reason}")
+
+
+# pytest marker for tests that run kernels under the emulation: `pytestmark = cuda_emu.requires_emulation`.
+requires_emulation = _requires_emulation()
