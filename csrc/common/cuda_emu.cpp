@@ -935,7 +935,8 @@ std::string kernel_description(const void* kernel, const char* signature) {
     const std::string key = "KernelArgs = {";
     const size_t b = sig.find(key);
     const size_t e = b == std::string::npos ? b : sig.find('}', b);
-    name = b == std::string::npos ? std::string("kernel") : "kernel(" + sig.substr(b + key.size(), e - b - key.size()) + ")";
+    name = b == std::string::npos ? std::string("kernel")
+                                  : "kernel(" + sig.substr(b + key.size(), e - b - key.size()) + ")";
     name += format(" at %p", kernel);  // a kernel in an anonymous namespace has no dynamic symbol
   }
   return name;
@@ -959,8 +960,8 @@ void check_launch_config(const void* kernel, dim3 grid, dim3 block, size_t smem)
                                        static_cast<unsigned long long>(block.x) * block.y * block.z));
   }
   if (smem > kMaxDynamicSmemOptin) {
-    throw std::invalid_argument(
-        format("%zu bytes of dynamic shared memory (the device allows at most %zu per block)", smem, kMaxDynamicSmemOptin));
+    throw std::invalid_argument(format("%zu bytes of dynamic shared memory (the device allows at most %zu per block)",
+                                       smem, kMaxDynamicSmemOptin));
   }
   if (smem > kDefaultMaxDynamicSmem) {
     const auto it = D.max_dynamic_smem.find(kernel);
@@ -984,7 +985,8 @@ void launch(const void* kernel, const char* signature, dim3 grid, dim3 block, si
             void* job) {
   Device& D = device();
   if (D.active && pthread_equal(D.owner, pthread_self())) {
-    throw std::runtime_error("vae_ext CUDA emulation: a kernel launched a kernel (dynamic parallelism is not emulated)");
+    throw std::runtime_error(
+        "vae_ext CUDA emulation: a kernel launched a kernel (dynamic parallelism is not emulated)");
   }
   std::lock_guard<std::mutex> launch_lock(D.launch_mutex);
   std::lock_guard<std::mutex> buffers_lock(D.buffers_mutex);  // device buffers stay put while kernels run

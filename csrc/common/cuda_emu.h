@@ -238,19 +238,26 @@ constexpr int warpSize = 32;
 #define __syncthreads_or(pred) ::vae_ext::emu::detail::syncthreads(3, (pred) ? 1 : 0, __FILE__, __LINE__)
 #define __syncwarp(...) ::vae_ext::emu::detail::syncwarp_at(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
 
-#define __shfl_sync(...) ::vae_ext::emu::detail::shfl_at(::vae_ext::emu::detail::ShflMode::kIdx, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_up_sync(...) ::vae_ext::emu::detail::shfl_at(::vae_ext::emu::detail::ShflMode::kUp, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_down_sync(...) ::vae_ext::emu::detail::shfl_at(::vae_ext::emu::detail::ShflMode::kDown, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_xor_sync(...) ::vae_ext::emu::detail::shfl_at(::vae_ext::emu::detail::ShflMode::kXor, __FILE__, __LINE__, __VA_ARGS__)
-#define __ballot_sync(mask, pred) ::vae_ext::emu::detail::vote(::vae_ext::emu::detail::VoteMode::kBallot, (mask), (pred) ? 1 : 0, __FILE__, __LINE__)
-#define __any_sync(mask, pred) static_cast<int>(::vae_ext::emu::detail::vote(::vae_ext::emu::detail::VoteMode::kAny, (mask), (pred) ? 1 : 0, __FILE__, __LINE__))
-#define __all_sync(mask, pred) static_cast<int>(::vae_ext::emu::detail::vote(::vae_ext::emu::detail::VoteMode::kAll, (mask), (pred) ? 1 : 0, __FILE__, __LINE__))
-#define __reduce_add_sync(mask, value) ::vae_ext::emu::detail::reduce_at(0, (mask), (value), __FILE__, __LINE__)
-#define __reduce_min_sync(mask, value) ::vae_ext::emu::detail::reduce_at(1, (mask), (value), __FILE__, __LINE__)
-#define __reduce_max_sync(mask, value) ::vae_ext::emu::detail::reduce_at(2, (mask), (value), __FILE__, __LINE__)
-#define __reduce_and_sync(mask, value) ::vae_ext::emu::detail::reduce(::vae_ext::emu::detail::ReduceMode::kAnd, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
-#define __reduce_or_sync(mask, value) ::vae_ext::emu::detail::reduce(::vae_ext::emu::detail::ReduceMode::kOr, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
-#define __reduce_xor_sync(mask, value) ::vae_ext::emu::detail::reduce(::vae_ext::emu::detail::ReduceMode::kXor, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
+#define VAE_EMU_D ::vae_ext::emu::detail
+#define __shfl_sync(...) VAE_EMU_D::shfl_at(VAE_EMU_D::ShflMode::kIdx, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) VAE_EMU_D::shfl_at(VAE_EMU_D::ShflMode::kUp, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) VAE_EMU_D::shfl_at(VAE_EMU_D::ShflMode::kDown, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_xor_sync(...) VAE_EMU_D::shfl_at(VAE_EMU_D::ShflMode::kXor, __FILE__, __LINE__, __VA_ARGS__)
+#define __ballot_sync(mask, pred) \
+  VAE_EMU_D::vote(VAE_EMU_D::VoteMode::kBallot, (mask), (pred) ? 1 : 0, __FILE__, __LINE__)
+#define __any_sync(mask, pred) \
+  static_cast<int>(VAE_EMU_D::vote(VAE_EMU_D::VoteMode::kAny, (mask), (pred) ? 1 : 0, __FILE__, __LINE__))
+#define __all_sync(mask, pred) \
+  static_cast<int>(VAE_EMU_D::vote(VAE_EMU_D::VoteMode::kAll, (mask), (pred) ? 1 : 0, __FILE__, __LINE__))
+#define __reduce_add_sync(mask, value) VAE_EMU_D::reduce_at(0, (mask), (value), __FILE__, __LINE__)
+#define __reduce_min_sync(mask, value) VAE_EMU_D::reduce_at(1, (mask), (value), __FILE__, __LINE__)
+#define __reduce_max_sync(mask, value) VAE_EMU_D::reduce_at(2, (mask), (value), __FILE__, __LINE__)
+#define __reduce_and_sync(mask, value) \
+  VAE_EMU_D::reduce(VAE_EMU_D::ReduceMode::kAnd, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
+#define __reduce_or_sync(mask, value) \
+  VAE_EMU_D::reduce(VAE_EMU_D::ReduceMode::kOr, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
+#define __reduce_xor_sync(mask, value) \
+  VAE_EMU_D::reduce(VAE_EMU_D::ReduceMode::kXor, (mask), static_cast<unsigned>(value), __FILE__, __LINE__)
 #define __trap() ::vae_ext::emu::detail::trap("__trap()", __FILE__, __LINE__)
 
 namespace vae_ext::emu::detail {
@@ -396,7 +403,8 @@ inline unsigned int __brev(unsigned int x) {
   return __builtin_bswap32(x);
 }
 inline unsigned long long __brevll(unsigned long long x) {
-  return (static_cast<unsigned long long>(__brev(static_cast<unsigned>(x))) << 32) | __brev(static_cast<unsigned>(x >> 32));
+  return (static_cast<unsigned long long>(__brev(static_cast<unsigned>(x))) << 32) |
+         __brev(static_cast<unsigned>(x >> 32));
 }
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
   const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
@@ -421,9 +429,13 @@ inline double __longlong_as_double(long long x) { double d; std::memcpy(&d, &x, 
 inline long long __double_as_longlong(double x) { long long i; std::memcpy(&i, &x, 8); return i; }
 
 // min / max as the CUDA math API declares them (mixed signedness: the unsigned type, as there).
-#define VAE_EMU_MIN_MAX(R, A, B)                                                                      \
-  inline R min(A a, B b) { return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); } \
-  inline R max(A a, B b) { return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); }
+#define VAE_EMU_MIN_MAX(R, A, B)                                        \
+  inline R min(A a, B b) {                                              \
+    return static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); \
+  }                                                                     \
+  inline R max(A a, B b) {                                              \
+    return static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b); \
+  }
 VAE_EMU_MIN_MAX(int, int, int)
 VAE_EMU_MIN_MAX(unsigned int, unsigned int, unsigned int)
 VAE_EMU_MIN_MAX(unsigned int, int, unsigned int)

@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads)
           // rows; lanes 16-31 repeat them (ignored by .x2).
           dev::ldmatrix_x2(b, sB + (nt * 8 + lane % 8) * ldb + kk + 8 * ((lane / 8) % 2));
         } else if (nt % 2 == 0 && nt + 1 < kBN / 8 && nt < 2) {
-          // Two n-tiles at once with .x4.trans: matrices (k 0-7, n nt), (k 8-15, n nt), (k 0-7, n nt+1), (k 8-15, n nt+1).
+          // Two n-tiles at once with .x4.trans: matrices (k 0-7, n-tile nt), (k 8-15, nt), (k 0-7, nt + 1),
+          // (k 8-15, nt + 1).
           uint32_t b4[4];
           dev::ldmatrix_x4_trans(b4, sB + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * ldb + nt * 8 + 8 * (lane / 16));
           float (&d0)[4] = acc[nt];
@@ -345,7 +346,9 @@ void mma_matmul(const void* A, const void* B, float* C, int M, int N, int K, boo
   }
 }
 
-void pack(const float* x, uint32_t* out, int pairs) { launch(pack_kernel, (pairs + 63) / 64, 64, 0, nullptr, x, out, pairs); }
+void pack(const float* x, uint32_t* out, int pairs) {
+  launch(pack_kernel, (pairs + 63) / 64, 64, 0, nullptr, x, out, pairs);
+}
 
 void warp_ops(const float* x, float* out, float* fsum, int* isum, unsigned long long* usum, double* dsum, int* imax,
               unsigned* cas_counter, int blocks, int bx, int by, int bz) {
