@@ -302,3 +302,23 @@ def test_installed_entry_point_and_module_agree():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) >= {"train", "bench", "info", "demo"}
+
+
+def test_time_limit_stops_after_an_epoch(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["train", "--epochs", "50", "--limit", "64", "--time-limit", "0.001", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+    assert "time limit of 0.001 s reached after epoch 1 of 50" in capsys.readouterr().out
+
+
+def test_demo_trains_and_compares_backends(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--reference-steps", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("reconstruction.png", "samples.png", "interpolation.png", "loss_curves.png", "metrics.json"):
+        assert (out / name).is_file() and name in printed
+    assert "time per training step" in printed
+    fused = [ln for ln in printed.splitlines() if ln.strip().startswith("fused vae_ext kernels")]
+    ref = [ln for ln in printed.splitlines() if ln.strip().startswith("PyTorch reference ops")]
+    assert len(fused) == 1 and len(ref) == 1 and "ms" in fused[0] and "x the speed" in ref[0]

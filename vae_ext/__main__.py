@@ -79,6 +79,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None, help="checkpoint file written every epoch (default <out>/checkpoint.pt)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default <out>/checkpoint.pt) up to --epochs")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the epoch during which this much training time has passed")
     g.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
@@ -90,7 +92,7 @@ def _config_from_args(args):
                       device=args.device, backend=args.backend, out=args.out, checkpoint=args.checkpoint,
                       level=args.level, max_len=args.max_len, image_size=args.image_size, channels=args.channels,
                       val_fraction=args.val_fraction, limit=args.limit, grad_clip=args.grad_clip,
-                      free_bits=args.free_bits, quiet=args.quiet)
+                      free_bits=args.free_bits, time_limit=args.time_limit, quiet=args.quiet)
     if args.resume is not None:
         cfg.resume = args.resume or os.path.join(cfg.resolved().out, "checkpoint.pt")
     return cfg
@@ -138,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="what `make demo` runs: ConvVAE on digits, fused vs reference time per step")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the fused run")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the fused run (default 100)")
+    p.add_argument("--time-limit", type=float, default=90.0, metavar="SECONDS",
+                   help="stop the fused run after the epoch that passes this (default %(default)s)")
     p.add_argument("--reference-steps", type=int, default=None, help="steps of the timed reference run")
     p.add_argument("--out", default=os.path.join("runs", "demo"))
     p.set_defaults(func=_cmd_demo)

@@ -59,6 +59,7 @@ class TrainConfig:
     limit: int | None = None
     grad_clip: float = 1.0
     free_bits: float = 0.0  # text: KL floor per latent dimension (nats), against posterior collapse
+    time_limit: float | None = None  # seconds: stop after the epoch that passes it
     quiet: bool = False
     outputs: bool = True
 
@@ -87,6 +88,8 @@ class TrainConfig:
             raise TrainError(f"--lr must be a positive number, got {c.lr}")
         if not (c.beta >= 0 and math.isfinite(c.beta)) or not c.kl_warmup >= 0:
             raise TrainError("--beta and --kl-warmup must be >= 0")
+        if c.time_limit is not None and not c.time_limit > 0:
+            raise TrainError(f"--time-limit must be > 0 seconds, got {c.time_limit}")
         if c.limit is not None and c.limit < 1:
             raise TrainError(f"--limit must be >= 1, got {c.limit}")
         return c
@@ -441,7 +444,7 @@ def train(cfg: TrainConfig) -> dict:
         # how long and where to run, from this command line
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, device=cfg.device, backend=cfg.backend,
                                   out=cfg.out or saved.out, checkpoint=cfg.checkpoint, quiet=cfg.quiet,
-                                  outputs=cfg.outputs, resume=cfg.resume)
+                                  outputs=cfg.outputs, resume=cfg.resume, time_limit=cfg.time_limit)
     cfg = cfg.resolved()
     if cfg.backend not in _backend.MODES:
         raise TrainError(f"--backend must be one of {', '.join(_backend.MODES)}, got {cfg.backend!r}")
@@ -577,6 +580,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, ckpt: dict | None, v
                          cfg.checkpoint)
         if d.on:
             dist.barrier()
+        if cfg.time_limit is not None and epoch + 1 < cfg.epochs:
+            stop = torch.tensor([float(time.perf_counter() - t_run >= cfg.time_limit)], device=device)
+            if d.on:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same epoch
+            if stop.item():
+                say(f"time limit of {cfg.time_limit:g} s reached after epoch {epoch + 1} of {cfg.epochs}: stopping "
+                    f"(--resume continues)")
+                break
     total_s = time.perf_counter() - t_run
 
     timing = {}
