@@ -64,7 +64,7 @@ def _sizes(device: torch.device, quick: bool) -> dict:
             return dict(reparam=(4096, 4096), elbo_bern=(1024, 4096, 64), elbo_cat=(32, 128, 2048),
                         attn=(4, 8, 1024, 64), attn_dtype=torch.bfloat16)
         return dict(reparam=(8192, 8192), elbo_bern=(4096, 16384, 128), elbo_cat=(64, 256, 8192),
-                    attn=(8, 16, 4096, 64), attn_dtype=torch.bfloat16)
+                    attn=(8, 16, 2048, 64), attn_dtype=torch.bfloat16)
     if quick:
         return dict(reparam=(512, 512), elbo_bern=(256, 784, 32), elbo_cat=(16, 64, 256),
                     attn=(2, 4, 128, 32), attn_dtype=torch.float32)
