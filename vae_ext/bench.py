@@ -3,8 +3,9 @@
 Peers: F.scaled_dot_product_attention for masked_attention; torch.compile of the reference
 for reparameterize and elbo_loss (left out by --quick: compiling takes longer than the whole
 quick run). Sizes suit the device: realistic training shapes on a GPU, smaller ones on a
-CPU, small ones with --quick. Each case is timed forward and forward+backward, the median of
-repeated calls after warm-up (CUDA calls end with a synchronisation), and stated as GB/s
+CPU, small ones with --quick. Each case is timed forward and forward+backward: after warm-up,
+rounds that call every implementation once each (so load changes on a shared machine hit all
+of them alike; CUDA calls end with a synchronisation), the median per implementation, stated as GB/s
 (reparameterize, elbo_loss: the bytes a single fused pass must move) or TFLOP/s (attention:
 4·B·H·Sq·Sk·D per forward, ×3.5 with the backward, halved when causal), also as a fraction
 of the device's copy bandwidth and matrix rate measured in the same run.
@@ -207,29 +208,48 @@ def run(device: torch.device, quick: bool = False, ops=OPS, min_time: float | No
     if "elbo" in ops:
         cases += _elbo_cases(device, sizes, quick)
     rows, notes = _ceilings(device, quick, min_time), []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for case in cases:
         make = case.impls["make"]
-        for impl, factory in case.impls.items():
-            if impl == "make":
-                continue
-            for pass_ in ("fwd", "fwd+bwd"):
-                backward = pass_ == "fwd+bwd"
+        for pass_ in ("fwd", "fwd+bwd"):
+            backward = pass_ == "fwd+bwd"
+            fns = {}
+            for impl, factory in case.impls.items():
+                if impl == "make":
+                    continue
                 try:
                     fn = make(factory(), backward)
-                    seconds = _timeit(fn, device, min_time)
+                    for _ in range(2):  # warm-up (and compilation for the torch.compile peer)
+                        fn()
+                    sync()
+                    fns[impl] = fn
                 except Exception as exc:  # no kernel for this input, or a peer that cannot run here
                     msg = str(exc).split("\n")[0]
                     note = f"{case.op} {case.name} {impl}: not run ({type(exc).__name__}: {msg[:160]})"
                     if note not in notes:
                         notes.append(note)
                         log(f"  {note}")
-                    break
+            # round robin: each round times every implementation once, so a change in the
+            # machine's load hits all of them alike (this matters on a shared machine)
+            times = {impl: [] for impl in fns}
+            start = time.perf_counter()
+            while fns and (min(len(t) for t in times.values()) < 5 or
+                           (time.perf_counter() - start < min_time * len(fns) and
+                            min(len(t) for t in times.values()) < 200)):
+                for impl, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[impl].append(time.perf_counter() - t0)
+            for impl, ts in times.items():
+                seconds = statistics.median(ts)
                 nbytes = case.bytes_bwd if backward else case.bytes_fwd
                 flops = None if case.flops_fwd is None else case.flops_fwd * (3.5 if backward else 1.0)
                 rows.append(dict(op=case.op, case=case.name, impl=impl, pass_=pass_, device=device.type,
                                  median_ms=seconds * 1e3, gbps=None if nbytes is None else nbytes / seconds / 1e9,
                                  tflops=None if flops is None else flops / seconds / 1e12))
-                log(f"  {case.op:<15} {case.name:<38} {pass_:<8} {impl:<10} {seconds * 1e3:10.3f} ms")
+                log(f"  {case.op:<15} {case.name:<38} {pass_:<8} {impl:<10} {seconds * 1e3:10.3f} ms "
+                    f"(median of {len(ts)})")
     return rows, notes
 
 
