@@ -65,7 +65,7 @@ def _op_times(backend: str, device, rounds: int = 100) -> float:
 
 def main(args) -> int:
     import vae_ext
-    from vae_ext.train import MODEL_BUILDERS, TrainConfig, _batches, _load_task, Dist, train
+    from vae_ext.train import MODEL_BUILDERS, Dist, TrainConfig, _batches, _load_task, _shown, train
 
     info = vae_ext.backend_info()
     fused_mode = "auto"  # the compiled kernels wherever they apply; the header line says which op runs what
@@ -103,7 +103,7 @@ def main(args) -> int:
     ops_ref = 1e6 * _op_times("reference", torch.device("cpu"))
 
     files = metrics["files"]
-    out = os.path.abspath(args.out)
+    out = _shown(args.out)
     print()
     print(f"trained {len(metrics['history'])} epochs ({metrics['timing']['steps']} steps) in {train_s:.0f} s; "
           f"validation loss {metrics['final'].get('val_loss', float('nan')):.2f} "

@@ -388,6 +388,12 @@ def _save_atomic(obj, path: str) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
+def _shown(path: str) -> str:
+    """A path as the user would type it: relative when under the working directory."""
+    full, here = os.path.abspath(path), os.getcwd()
+    return os.path.relpath(full, here) if full.startswith(here + os.sep) else full
+
+
 def _say(d: Dist, quiet: bool):
     def say(msg: str = "") -> None:
         if d.main and not quiet:
@@ -622,7 +628,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, ckpt: dict | None, v
         say(f"done: {timing['steps']} steps in {timing['seconds']:.1f} s, {timing['ms_per_step_median']:.2f} ms "
             f"per step (median), {timing['samples_per_s']:.0f} samples/s")
     if d.main and metrics["files"]:
-        say("outputs in " + os.path.abspath(cfg.out) + ":")
+        say(f"outputs in {_shown(cfg.out)}:")
         for name, path in metrics["files"].items():
             say(f"  {name:<15} {path}")
     return metrics
