@@ -19,7 +19,8 @@
 namespace vae_ext {
 
 template <typename V>
-struct ElboMath;  // scalar type; primitives exp, expm1, log, log1p, abs, relu, select_nonneg
+struct ElboMath;  // scalar type; primitives exp, expm1, log, log1p, log1p_unit (argument in [0, 1]), abs,
+                 // relu, select_nonneg
 
 template <>
 struct ElboMath<float> {
@@ -32,6 +33,7 @@ struct ElboMath<float> {
 #endif
   static VAE_HD float log(float x) { return log_(x); }
   static VAE_HD float log1p(float x) { return log1p_(x); }
+  static VAE_HD float log1p_unit(float x) { return log1p_(x); }  // x in [0, 1]
   static VAE_HD float abs(float x) { return x < 0.0f ? -x : x; }
   static VAE_HD float relu(float x) { return x > 0.0f ? x : 0.0f; }
   // c >= 0 ? a : b (NaN c gives b)
@@ -49,6 +51,7 @@ struct ElboMath<double> {
 #endif
   static VAE_HD double log(double x) { return log_(x); }
   static VAE_HD double log1p(double x) { return log1p_(x); }
+  static VAE_HD double log1p_unit(double x) { return log1p_(x); }
   static VAE_HD double abs(double x) { return x < 0.0 ? -x : x; }
   static VAE_HD double relu(double x) { return x > 0.0 ? x : 0.0; }
   static VAE_HD double select_nonneg(double c, double a, double b) { return c >= 0.0 ? a : b; }
@@ -69,7 +72,7 @@ VAE_HD V bce_exp_neg_abs(V x) {
 template <typename V>
 VAE_HD V bce_loss(V x, V t, V e) {
   using M = ElboMath<V>;
-  return M::relu(x) - x * t + M::log1p(e);
+  return M::relu(x) - x * t + M::log1p_unit(e);
 }
 
 template <typename V>

@@ -32,12 +32,30 @@ struct ElboMathVec {
   static V expm1(const V& x) { return x.expm1(); }
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
+  static V log1p_unit(const V& x) { return x.log1p(); }
   static V abs(const V& x) { return x.abs(); }
   static V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }  // NaN-propagating
   static V select_nonneg(const V& c, const V& a, const V& b) { return V::blendv(b, a, c >= V(T(0))); }
 };
 template <>
-struct ElboMath<at::vec::Vectorized<float>> : ElboMathVec<float> {};
+struct ElboMath<at::vec::Vectorized<float>> : ElboMathVec<float> {
+  // log1p(x) for x in [0, 1] (Bernoulli's log1p(exp(-|x|))): with s = x / (2 + x) in [0, 1/3],
+  // log1p(x) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ... + s^12/13); the next term is below
+  // 1.5e-8 relative. About three times faster than Sleef's general log1p.
+  static at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& x) {
+    using V = at::vec::Vectorized<float>;
+    const V s = x / (V(2.0f) + x);
+    const V z = s * s;
+    V p = V(1.0f / 13.0f);
+    p = at::vec::fmadd(p, z, V(1.0f / 11.0f));
+    p = at::vec::fmadd(p, z, V(1.0f / 9.0f));
+    p = at::vec::fmadd(p, z, V(1.0f / 7.0f));
+    p = at::vec::fmadd(p, z, V(1.0f / 5.0f));
+    p = at::vec::fmadd(p, z, V(1.0f / 3.0f));
+    p = at::vec::fmadd(p, z, V(1.0f));
+    return (s + s) * p;
+  }
+};
 template <>
 struct ElboMath<at::vec::Vectorized<double>> : ElboMathVec<double> {};
 

@@ -67,8 +67,21 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     those per-sample terms, 'mean' gives Σ_d max(mean_b KL_bd, λ) and 'sum' B times that.
 
     reduction: 'mean' over the batch, 'sum', or 'none' (shape (B,)). Returns
-    ELBO(loss, recon, kl), all three reduced the same way. NaN inputs propagate to the
-    results (no error), as in torch's own losses.
+    ELBO(loss, recon, kl), all three reduced the same way.
+
+    NaN policy: no error; NaN inputs propagate as in torch's own losses. A NaN in sample b
+    makes recon_b / kl_b (and loss_b) NaN and leaves the other samples alone (so 'mean' and
+    'sum' are NaN); its gradients are NaN in the rows it reaches. With free bits a NaN KL
+    makes its latent dimension's batch mean NaN, and that dimension is then not clamped.
+
+    Fused path (compiled kernels): one pass over the inputs computes the loss and, for every
+    input that requires grad (while grad mode is on), the gradient of the reduced recon and
+    kl parts; the backward multiplies them by the upstream gradients, or returns them as
+    they are when those are exactly 1 (loss.backward() of a 'mean' or 'sum' loss; this check
+    is one host sync on CUDA). Gradients are kept from forward to backward (the size of the
+    inputs that require grad). Results are bitwise reproducible run to run. Double backward
+    is not supported. Under torch.compile the class-id range check is skipped (an id out of
+    range then gives a NaN loss for its sample).
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"{OP}: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -241,6 +254,9 @@ def _register() -> None:
         buffers = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scales = (_add(g_loss, g_recon, 1.0), _add(g_loss, g_kl, ctx.beta))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not any(
+                is_fake(s) for s in scales if s is not None):
+            raise RuntimeError("vae_ext.elbo_loss: double backward (create_graph=True) is not supported")
         is_one = _all_ones(scales)
         grads = [None] * 13
         for k, (name, index, buf) in enumerate(zip(_GRAD_NAMES, (0, 2, 3, 4, 5, 6), buffers)):
