@@ -5,9 +5,10 @@
 //                  one sample (grid-stride over tiles), 16-byte loads and stores
 //                  where the layout allows; the tile's loss sum (block reduction:
 //                  warp shuffles, then shared memory) goes to its own workspace slot.
-//   ce_kernel      categorical: one warp per (sample, position) row, an online
-//                  log-sum-exp over V, then (with gradients) a second sweep of the
-//                  row (mostly from L2) writing softmax - onehot.
+//   ce_kernel      categorical: a warp (V <= 1024) or a block per (sample,
+//                  position) row; rows of up to 32 logits per thread are held in
+//                  registers (one read of the logits); longer rows stream with an
+//                  online log-sum-exp, then a second sweep writes softmax - onehot.
 //   kl_colsum_kernel  free bits only: each latent dimension's batch-mean KL.
 //   kl_kernel      KL terms and gradients, tiles like recon_kernel.
 //   finalize_kernel   one block: per-sample sums of the partials in slot order,
@@ -29,7 +30,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTile = 4096;  // elements per partial sum (multiple of kThreads * 16 bytes / 4 bytes)
-constexpr size_t kSmemBytes = kWarps * sizeof(double);
+constexpr size_t kSmemBytes = 2 * kWarps * sizeof(double);
 
 enum class Term { kBce, kSse, kNll };
 
@@ -188,10 +189,44 @@ __global__ void __launch_bounds__(kThreads) recon_kernel(ElboParams p, Workspace
 
 // ---------------------------------------------------------------- categorical
 
-template <typename T>
+// Each row (sample, position) of V logits belongs to a group of G threads: a
+// warp (G = 32, eight rows per block) for V <= 32 * kRegElems, else the whole
+// block. A row that fits in the group's registers (V <= G * kRegElems) is read
+// from global memory once: each thread keeps its elements, takes their max and
+// sum of exp, the group merges the (max, sum) pairs in a fixed order, and the
+// gradient is written from the registers. Longer rows stream: an online
+// log-sum-exp sweep, then a second sweep for the gradient.
+constexpr int kRegElems = 32;  // logits per thread kept in registers
+
+// Merges (m, s) over the G threads of a group; every thread gets the same result.
+template <typename acc_t, int G>
+__device__ __forceinline__ void group_lse_merge(acc_t& m, acc_t& s) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    lse_merge(m, s, m2, s2);
+  }
+  if constexpr (G > 32) {
+    acc_t* smem = reinterpret_cast<acc_t*>(dev::dynamic_smem());
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+      smem[2 * warp] = m;
+      smem[2 * warp + 1] = s;
+    }
+    __syncthreads();
+    m = -INFINITY;
+    s = 0;
+    for (int k = 0; k < G / 32; ++k) lse_merge(m, s, smem[2 * k], smem[2 * k + 1]);
+    __syncthreads();  // smem is reused by the next row
+  }
+}
+
+template <typename T, int G>
 __global__ void __launch_bounds__(kThreads) ce_kernel(ElboParams p, Workspace w, bool vectorized) {
   using acc_t = acc_t_of<T>;
   constexpr int VEC = VecWidth<T>::value;
+  constexpr int NV = kRegElems / VEC;  // register vectors per thread
+  constexpr int kRowsPerBlock = kThreads / G;
   using Vec = AlignedVec<T, VEC>;
   const T* logits = static_cast<const T*>(p.recon);
   const int64_t* target = static_cast<const int64_t*>(p.target);
@@ -199,62 +234,101 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(ElboParams p, Workspace w,
   const int64_t V = p.vocab;
   const int64_t rows = p.batch * w.recon_slots_per_row;
   const acc_t f = static_cast<acc_t>(p.grad_factor);
-  const int lane = threadIdx.x % 32;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int t = threadIdx.x % G;
+  const bool in_regs = V <= static_cast<int64_t>(G) * kRegElems;
 
-  for (int64_t r = warp; r < rows; r += warps) {
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; r0 < rows;
+       r0 += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t r = r0 + threadIdx.x / G;
+    if (r >= rows) continue;  // only for G == 32 (whole warps), which never synchronise the block
     const int64_t y = target[r];
     const T* x = logits + r * V;
     T* g = grad != nullptr ? grad + r * V : nullptr;
     if (y == p.ignore_index || y < 0 || y >= V) {  // padding (or an invalid id: NaN); zero gradient
-      if (lane == 0) w.recon_part[r] = y == p.ignore_index ? 0.0 : static_cast<double>(NAN);
+      if (t == 0) w.recon_part[r] = y == p.ignore_index ? 0.0 : static_cast<double>(NAN);
       if (g != nullptr) {
-        for (int64_t j = lane; j < V; j += 32) g[j] = from_acc<T>(acc_t(0));
+        for (int64_t j = t; j < V; j += G) g[j] = from_acc<T>(acc_t(0));
       }
       continue;
     }
-    // Online log-sum-exp: per lane, then merged across the warp (every lane ends with the same value).
     acc_t m = -INFINITY, s = 0;
-    if (vectorized) {
-      for (int64_t v = lane; v < V / VEC; v += 32) {
+    acc_t xr[NV][VEC];
+    if (in_regs) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j0 = (static_cast<int64_t>(k) * G + t) * VEC;
+        if (vectorized && j0 < V) {
+          const Vec xv = *reinterpret_cast<const Vec*>(x + j0);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) xr[k][i] = to_acc(xv.v[i]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) xr[k][i] = j0 + i < V ? to_acc(x[j0 + i]) : acc_t(-INFINITY);
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) m = nan_max(m, xr[k][i]);
+      }
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) s += ElboMath<acc_t>::exp(xr[k][i] - m);
+        }
+      }
+    } else if (vectorized) {
+      for (int64_t v = t; v < V / VEC; v += G) {
         const Vec xv = *reinterpret_cast<const Vec*>(x + v * VEC);
         acc_t xs[VEC];
         acc_t vmax = -INFINITY;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          xs[k] = to_acc(xv.v[k]);
-          vmax = nan_max(vmax, xs[k]);
+        for (int i = 0; i < VEC; ++i) {
+          xs[i] = to_acc(xv.v[i]);
+          vmax = nan_max(vmax, xs[i]);
         }
         acc_t vs = 0;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) vs += ElboMath<acc_t>::exp(xs[k] - vmax);
+        for (int i = 0; i < VEC; ++i) vs += ElboMath<acc_t>::exp(xs[i] - vmax);
         if (vmax != -INFINITY) lse_merge(m, s, vmax, vs);
       }
     } else {
-      for (int64_t j = lane; j < V; j += 32) lse_update(m, s, to_acc(x[j]));
+      for (int64_t j = t; j < V; j += G) lse_update(m, s, to_acc(x[j]));
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      lse_merge(m, s, m2, s2);
-    }
+    group_lse_merge<acc_t, G>(m, s);
     const acc_t lse = m + ElboMath<acc_t>::log(s);
-    if (lane == 0) w.recon_part[r] = static_cast<double>(ce_loss(lse, to_acc(x[y])));
+    if (t == 0) w.recon_part[r] = static_cast<double>(ce_loss(lse, to_acc(x[y])));
     if (g == nullptr) continue;
-    if (vectorized) {
-      for (int64_t v = lane; v < V / VEC; v += 32) {
+    if (in_regs) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j0 = (static_cast<int64_t>(k) * G + t) * VEC;
+        Vec gv;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t d = ElboMath<acc_t>::exp(xr[k][i] - lse) * f;
+          gv.v[i] = from_acc<T>(j0 + i == y ? d - f : d);
+        }
+        if (vectorized && j0 < V) {
+          *reinterpret_cast<Vec*>(g + j0) = gv;
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            if (j0 + i < V) g[j0 + i] = gv.v[i];
+          }
+        }
+      }
+    } else if (vectorized) {
+      for (int64_t v = t; v < V / VEC; v += G) {
         const Vec xv = *reinterpret_cast<const Vec*>(x + v * VEC);
         Vec gv;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const acc_t d = ElboMath<acc_t>::exp(to_acc(xv.v[k]) - lse) * f;
-          gv.v[k] = from_acc<T>(v * VEC + k == y ? d - f : d);
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t d = ElboMath<acc_t>::exp(to_acc(xv.v[i]) - lse) * f;
+          gv.v[i] = from_acc<T>(v * VEC + i == y ? d - f : d);
         }
         *reinterpret_cast<Vec*>(g + v * VEC) = gv;
       }
     } else {
-      for (int64_t j = lane; j < V; j += 32) {
+      for (int64_t j = t; j < V; j += G) {
         const acc_t d = ElboMath<acc_t>::exp(to_acc(x[j]) - lse) * f;
         g[j] = from_acc<T>(j == y ? d - f : d);
       }
@@ -467,8 +541,13 @@ void elbo_forward_cuda(const ElboParams& p, CUstream_st* stream) {
       if (p.likelihood == Likelihood::kCategorical) {
         const int64_t rows = p.batch * w.recon_slots_per_row;
         const bool vectorized = vec_ok && p.vocab % VecWidth<T>::value == 0;
-        const int blocks = grid_size(ceil_div(rows, kWarps) * kThreads, kThreads);
-        launch(ce_kernel<T>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
+        if (p.vocab <= 32 * kRegElems) {  // a warp per row
+          const int blocks = grid_size(ceil_div(rows, kWarps) * kThreads, kThreads);
+          launch(ce_kernel<T, 32>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
+        } else {  // a block per row
+          const int blocks = grid_size(rows * kThreads, kThreads);
+          launch(ce_kernel<T, kThreads>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
+        }
       } else {
         const bool vectorized = vec_ok && aligned16(p.target) && p.recon_row % VecWidth<T>::value == 0 &&
                                 (p.obs_kind != ObsKind::kPerElement ||
