@@ -24,6 +24,17 @@ TORCH_LIBRARY(vae_ext, m) {
       "-> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def("reparameterize_backward(Tensor grad_z, Tensor z, Tensor mu) -> (Tensor, Tensor)");
+  // Negative ELBO (loss, recon, kl) reduced over the batch, and, where needs_grad asks
+  // ([recon, mu, logvar, prior_mu, prior_logvar, obs_logvar]), the gradients of the
+  // reduced recon (recon group) and kl (latent group) for an upstream gradient of 1;
+  // the others come back empty. Semantics in csrc/elbo/elbo.h.
+  m.def(
+      "elbo_forward(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? prior_mu, "
+      "Tensor? prior_logvar, Tensor? obs_logvar, str likelihood, str reduction, float beta, float free_bits, "
+      "int ignore_index, bool[6] needs_grad) -> (Tensor loss, Tensor recon_loss, Tensor kl, Tensor grad_recon, "
+      "Tensor grad_mu, Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar, Tensor grad_obs_logvar)");
+  // The backward of elbo_forward: grad[b] * scale[b] (or scale[0]), in grad's dtype.
+  m.def("elbo_scale_grad(Tensor grad, Tensor scale) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -169,6 +169,11 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor |
     return 0.5 * (plv - logvar + (torch.exp(logvar) + (mu - pm) ** 2) * torch.exp(-plv) - 1.0)
 
 
+def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch, elements per sample); an empty batch gives (0, 0)."""
+    return t.reshape(batch, -1) if batch > 0 else t.reshape(0, 0)
+
+
 def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
               likelihood: str = "bernoulli", beta: float = 1.0, reduction: str = "mean",
               prior_mu: torch.Tensor | None = None, prior_logvar: torch.Tensor | None = None,
@@ -195,9 +200,9 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
                               reduction="none").reshape(target.shape)
     else:
         raise ValueError(f"elbo_loss: unknown likelihood {likelihood!r}")
-    recon_b = nll.reshape(batch, -1).sum(dim=1)
+    recon_b = _per_sample(nll, batch).sum(dim=1)
 
-    kl_el = gaussian_kl(mu, logvar, prior_mu, prior_logvar).reshape(batch, -1)
+    kl_el = _per_sample(gaussian_kl(mu, logvar, prior_mu, prior_logvar), batch)
     if free_bits > 0.0:
         # Each latent dimension's batch-average KL counts as at least free_bits: below it,
         # every sample contributes the constant free_bits for that dimension (no gradient).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from vae_ext import _backend, reference
 from vae_ext._types import ELBO
@@ -66,8 +67,21 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     those per-sample terms, 'mean' gives Σ_d max(mean_b KL_bd, λ) and 'sum' B times that.
 
     reduction: 'mean' over the batch, 'sum', or 'none' (shape (B,)). Returns
-    ELBO(loss, recon, kl), all three reduced the same way. NaN inputs propagate to the
-    results (no error), as in torch's own losses.
+    ELBO(loss, recon, kl), all three reduced the same way.
+
+    NaN policy: no error; NaN inputs propagate as in torch's own losses. A NaN in sample b
+    makes recon_b / kl_b (and loss_b) NaN and leaves the other samples alone (so 'mean' and
+    'sum' are NaN); its gradients are NaN in the rows it reaches. With free bits a NaN KL
+    makes its latent dimension's batch mean NaN, and that dimension is then not clamped.
+
+    Fused path (compiled kernels): one pass over the inputs computes the loss and, for every
+    input that requires grad (while grad mode is on), the gradient of the reduced recon and
+    kl parts; the backward multiplies them by the upstream gradients, or returns them as
+    they are when those are exactly 1 (loss.backward() of a 'mean' or 'sum' loss; this check
+    is one host sync on CUDA). Gradients are kept from forward to backward (the size of the
+    inputs that require grad). Results are bitwise reproducible run to run. Double backward
+    is not supported. Under torch.compile the class-id range check is skipped (an id out of
+    range then gives a NaN loss for its sample).
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"{OP}: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -109,11 +123,14 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
         vocab = recon.shape[2]
-        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-        if target.numel() and not torch.compiler.is_compiling() and bool(bad.any()):
-            first = target[bad][0].item()
-            raise ValueError(f"{OP}: target holds class id {first} outside [0, {vocab}) "
-                             f"(and not ignore_index={ignore_index})")
+        # A data-dependent check (one host sync on CUDA); skipped while torch.compile traces,
+        # where the kernels give such a position a NaN loss instead (never an out-of-bounds read).
+        if not torch.compiler.is_compiling():
+            bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+            if target.numel() and bool(bad.any()):
+                first = target[bad][0].item()
+                raise ValueError(f"{OP}: target holds class id {first} outside [0, {vocab}) "
+                                 f"(and not ignore_index={ignore_index})")
         target = target.long()
     else:
         check_float(OP, "target", target)
@@ -131,4 +148,160 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     if not _backend.use_extension(OP, ok, reason):
         return reference.elbo_loss(recon, target, mu, logvar, likelihood, float(beta), reduction, prior_mu,
                                    prior_logvar, float(free_bits), ignore_index, obs_logvar)
-    raise NotImplementedError("elbo_loss kernels are registered but not wired")  # replaced by the kernel issue
+    return _fused(recon, target, mu, logvar, likelihood, float(beta), reduction, prior_mu, prior_logvar,
+                  float(free_bits), int(ignore_index), obs_logvar)
+
+
+def _needs_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def _fused(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, prior_logvar, free_bits, ignore_index,
+           obs_logvar) -> ELBO:
+    """Bring the (validated) inputs to the layouts torch.ops.vae_ext.elbo_forward takes and call it.
+
+    dtypes: the reconstruction group (recon, target, obs_logvar) and the latent group (mu,
+    logvar, priors) are each promoted to one dtype. Priors are expanded to mu's shape (a
+    prior shared by the batch is read in place); obs_logvar becomes (1,) / (B,) when it has
+    one value per sample, else (1 or B, *recon.shape[1:]). Autograd sums gradients of the
+    expanded views back to the caller's shapes.
+    """
+    batch = recon.shape[0]
+    recon_dtype = recon.dtype
+    if likelihood != "categorical":
+        recon_dtype = torch.promote_types(recon_dtype, target.dtype)
+    if isinstance(obs_logvar, torch.Tensor):
+        recon_dtype = torch.promote_types(recon_dtype, obs_logvar.dtype)
+    latent_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+    for t in (prior_mu, prior_logvar):
+        if t is not None:
+            latent_dtype = torch.promote_types(latent_dtype, t.dtype)
+
+    needs = [_needs_grad(recon), _needs_grad(mu), _needs_grad(logvar), _needs_grad(prior_mu),
+             _needs_grad(prior_logvar), _needs_grad(obs_logvar)]
+    recon_in = recon.to(recon_dtype)
+    target_in = target if likelihood == "categorical" else target.to(recon_dtype)
+    mu_in, logvar_in = mu.to(latent_dtype), logvar.to(latent_dtype)
+    pm_in = plv_in = None
+    if prior_mu is not None or prior_logvar is not None:
+        row_zeros = torch.zeros((1, *mu.shape[1:]), dtype=latent_dtype, device=mu.device)
+        pm_in = (row_zeros if prior_mu is None else prior_mu.to(latent_dtype)).expand(mu.shape)
+        plv_in = (row_zeros if prior_logvar is None else prior_logvar.to(latent_dtype)).expand(mu.shape)
+    obs_in = None
+    if obs_logvar is not None:
+        if isinstance(obs_logvar, torch.Tensor):
+            o = obs_logvar.to(recon_dtype)
+            o = o.reshape((1,) * (recon.dim() - o.dim()) + tuple(o.shape))
+        else:
+            o = torch.full((1,) * recon.dim(), float(obs_logvar), dtype=recon_dtype, device=recon.device)
+        if all(s == 1 for s in o.shape[1:]):
+            obs_in = o.reshape(o.shape[0])  # one value per sample (or for all)
+        else:
+            obs_in = o.expand((o.shape[0], *recon.shape[1:]))  # one per element
+    out = torch.ops.vae_ext.elbo_forward(recon_in, target_in, mu_in, logvar_in, pm_in, plv_in, obs_in, likelihood,
+                                         reduction, beta, free_bits, ignore_index, needs)
+    return ELBO(out[0], out[1], out[2])
+
+
+_GRAD_NAMES = ("recon", "mu", "logvar", "prior_mu", "prior_logvar", "obs_logvar")
+
+
+def _register() -> None:
+    """Fake (meta) kernels and autograd for the compiled ops."""
+
+    @torch.library.register_fake("vae_ext::elbo_forward")
+    def _(recon, target, mu, logvar, prior_mu, prior_logvar, obs_logvar, likelihood, reduction, beta, free_bits,
+          ignore_index, needs_grad):
+        torch._check(mu.shape == logvar.shape, lambda: "elbo_forward: logvar must have the shape of mu")
+        torch._check(recon.dim() >= 1 and mu.dim() >= 1, lambda: "elbo_forward: recon and mu need a batch dim")
+        torch._check(recon.shape[0] == mu.shape[0], lambda: "elbo_forward: recon and mu batch sizes differ")
+        shape = (recon.shape[0],) if reduction == "none" else ()
+        loss = recon.new_empty(shape, dtype=torch.promote_types(recon.dtype, mu.dtype))
+        none = recon.new_empty((0,))
+
+        def grad(flag, like):
+            return like.new_empty(like.shape) if flag else like.new_empty((0,))
+
+        g_obs = none
+        if needs_grad[5] and obs_logvar is not None:
+            g_obs = recon.new_empty((recon.shape[0],) if obs_logvar.dim() == 1 else recon.shape)
+        return (loss, recon.new_empty(shape), mu.new_empty(shape), grad(needs_grad[0], recon),
+                grad(needs_grad[1], mu), grad(needs_grad[2], mu), grad(needs_grad[3] and prior_mu is not None, mu),
+                grad(needs_grad[4] and prior_logvar is not None, mu), g_obs)
+
+    @torch.library.register_fake("vae_ext::elbo_scale_grad")
+    def _(grad, scale):
+        torch._check(scale.numel() == 1 or scale.numel() == grad.shape[0],
+                     lambda: "elbo_scale_grad: scale must have 1 or B elements")
+        return grad.new_empty(grad.shape)
+
+    def setup_context(ctx, inputs, output):
+        recon, obs_logvar, beta = inputs[0], inputs[6], inputs[9]
+        buffers = output[3:]
+        ctx.mark_non_differentiable(*buffers)
+        ctx.set_materialize_grads(False)  # unused outputs: None, not a zero tensor of the buffer's size
+        ctx.save_for_backward(*buffers)
+        ctx.beta = beta
+        ctx.obs_rows = None if obs_logvar is None else obs_logvar.shape[0]
+        ctx.batch = recon.shape[0]
+        ctx.requested = list(inputs[12])
+
+    def backward(ctx, g_loss, g_recon, g_kl, *_unused):
+        # The buffers hold d(reduced recon)/d(input) and d(reduced kl)/d(input), computed by the
+        # forward. Each row is multiplied by its upstream gradient: recon group g_loss + g_recon,
+        # latent group beta * g_loss + g_kl. Where that is exactly 1 everywhere (loss.backward()
+        # of a 'mean' or 'sum' loss) the buffer is the gradient as it is: no pass over memory.
+        buffers = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        scales = (_add(g_loss, g_recon, 1.0), _add(g_loss, g_kl, ctx.beta))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not any(
+                is_fake(s) for s in scales if s is not None):
+            raise RuntimeError("vae_ext.elbo_loss: double backward (create_graph=True) is not supported")
+        is_one = _all_ones(scales)
+        grads = [None] * 13
+        for k, (name, index, buf) in enumerate(zip(_GRAD_NAMES, (0, 2, 3, 4, 5, 6), buffers)):
+            if not needs[index]:
+                continue
+            if not ctx.requested[k]:
+                raise RuntimeError(f"vae_ext.elbo_forward: the gradient of {name} is needed but was not "
+                                   f"requested in needs_grad")
+            group = 0 if name in ("recon", "obs_logvar") else 1
+            scale = scales[group]
+            if scale is None:
+                grad = torch.zeros_like(buf)
+            elif is_one[group]:
+                grad = buf
+            else:
+                grad = torch.ops.vae_ext.elbo_scale_grad(buf, scale)
+            if name == "obs_logvar" and ctx.obs_rows != ctx.batch:
+                grad = grad.sum(0, keepdim=True)
+            grads[index] = grad
+        return tuple(grads)
+
+    torch.library.register_autograd("vae_ext::elbo_forward", backward, setup_context=setup_context)
+
+
+def _all_ones(scales) -> tuple[bool, bool]:
+    """Whether each upstream scale is exactly 1 everywhere: one host sync on CUDA. While
+    torch.compile / export traces (or a CUDA graph captures) the answer is "no": the
+    multiply stays in the graph, where the compiler may fuse it."""
+    present = [s for s in scales if s is not None]
+    if not present or torch.compiler.is_compiling() or any(is_fake(s) for s in present):
+        return False, False
+    if present[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return False, False
+    flags = torch.stack([(s == 1).all() for s in present]).tolist()
+    it = iter(flags)
+    return tuple(bool(next(it)) if s is not None else False for s in scales)
+
+
+def _add(g_loss, g_part, weight):
+    """weight * g_loss + g_part, with None for a missing upstream gradient."""
+    if g_loss is None:
+        return g_part
+    scaled = g_loss if weight == 1.0 else g_loss * weight
+    return scaled if g_part is None else scaled + g_part
+
+
+if _backend.extension_loaded() and _has_kernel():
+    _register()
