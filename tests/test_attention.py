@@ -4,6 +4,9 @@ combinations, GQA, Sq != Sk, empty rows, dropout (the kernels' exact stream, its
 expectation, reproducibility), gradcheck, opcheck, torch.compile and bad input."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,6 +91,11 @@ def _run(fn, q, k, v, grad, **kwargs):
     out = fn(q, k, v, **kwargs)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     return out, grads
+
+
+def _as_double(mask):
+    """A mask for the float64 reference: bool stays bool, a float mask becomes float64."""
+    return mask if mask is None or mask.dtype == torch.bool else mask.double()
 
 
 def _grad_scale(dtype):
@@ -295,11 +303,44 @@ def test_empty_sizes(device):
     assert out.shape == (1, 2, 0, 8)
 
 
+_TILE_PATH_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_attention as T, vae_ext
+for dtype in (torch.float64, torch.float32):
+    for masks, shape in (("causal+padding+bool", (2, 4, 2, 131, 150, 24)), ("float", (1, 2, 1, 70, 300, 80))):
+        b, h, hkv, sq, sk, d = shape
+        q, k, v, am, kpm, causal = T._make(b, h, hkv, sq, sk, d, dtype, "cpu", seed=3, masks=masks)
+        grad = torch.randn(q.shape, dtype=dtype)
+        kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=0.2, seed=9)
+        out, grads = T._run(vae_ext.masked_attention, q, k, v, grad, **kw)
+        r_out, r_grads = T._run(vae_ext.reference.masked_attention, q.double(), k.double(), v.double(),
+                                grad.double(), **{**kw, "attn_mask": T._as_double(am)})
+        T.assert_close(out, r_out, dtype)
+        for a, e in zip(grads, r_grads):
+            T.assert_close(a, e, dtype, scale=T._grad_scale(dtype))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [
+    {"VAE_EXT_ATTN_GEMM": "vec"},  # the at::vec tile products (torch builds without a BLAS)
+    {"VAE_EXT_ATTN_BLOCK_Q": "16", "VAE_EXT_ATTN_BLOCK_K": "64", "VAE_EXT_ATTN_BWD_BLOCK_Q": "48",
+     "VAE_EXT_ATTN_BWD_BLOCK_K": "192"},  # other tile sizes
+])
+def test_other_kernel_configurations(env):
+    """The kernel's alternative tile products and tile sizes (read once per process) in a subprocess."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", _TILE_PATH_SCRIPT, here], env={**os.environ, **env},
+                            cwd=os.path.dirname(here), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("masks", ["none", "causal+padding", "float"])
+@pytest.mark.parametrize("masks", ["none", "causal+padding", "float", "bool+padding"])
 def test_dropout_matches_the_reference_stream_exactly(device, dtype, masks):
     """With an explicit seed the reference drops exactly the kernels' elements: forward
     and gradients agree to rounding, so the backward regenerates the forward's mask."""
@@ -308,7 +349,7 @@ def test_dropout_matches_the_reference_stream_exactly(device, dtype, masks):
     kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=0.3, seed=1234)
     out, grads = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
     r_out, r_grads = _run(reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
-                          **{**kw, "attn_mask": None if am is None else am.double()})
+                          **{**kw, "attn_mask": _as_double(am)})
     assert_close(out, r_out, dtype)
     for a, e in zip(grads, r_grads):
         assert_close(a, e, dtype, scale=_grad_scale(dtype))

@@ -56,18 +56,23 @@ namespace {
 // Philox call covers 64 keys of a row. Tuning knobs for benchmarks:
 // VAE_EXT_ATTN_BLOCK_Q, VAE_EXT_ATTN_BLOCK_K, VAE_EXT_ATTN_GEMM=blas|vec.
 struct Config {
-  int64_t block_q = 64;
-  int64_t block_k = 128;
+  int64_t fwd_block_q = 64, fwd_block_k = 128;
+  int64_t bwd_block_q = 64, bwd_block_k = 128;
   bool blas = true;
 };
 
 const Config& config() {
   static const Config cfg = [] {
     Config c;
-    if (const char* s = std::getenv("VAE_EXT_ATTN_BLOCK_Q")) c.block_q = std::max<int64_t>(1, std::atoll(s));
-    if (const char* s = std::getenv("VAE_EXT_ATTN_BLOCK_K")) {
-      c.block_k = std::max<int64_t>(64, (std::atoll(s) + 63) / 64 * 64);
-    }
+    auto get = [](const char* name, int64_t& value, int64_t multiple) {
+      if (const char* s = std::getenv(name)) {
+        value = std::max<int64_t>(multiple, (std::atoll(s) + multiple - 1) / multiple * multiple);
+      }
+    };
+    get("VAE_EXT_ATTN_BLOCK_Q", c.fwd_block_q, 1);
+    get("VAE_EXT_ATTN_BLOCK_K", c.fwd_block_k, 64);
+    get("VAE_EXT_ATTN_BWD_BLOCK_Q", c.bwd_block_q, 1);
+    get("VAE_EXT_ATTN_BWD_BLOCK_K", c.bwd_block_k, 64);
     if (const char* s = std::getenv("VAE_EXT_ATTN_GEMM")) c.blas = std::strcmp(s, "vec") != 0;
     return c;
   }();
@@ -291,8 +296,7 @@ struct Problem {
   uint64_t seed = 0, counter_lo = 0;
   bool dropout = false;
 
-  explicit Problem(const AttentionParams& params) : p(params) {
-    const Config& cfg = config();
+  Problem(const AttentionParams& params, int64_t block_q, int64_t block_k) : p(params) {
     B = p.batch;
     H = p.heads;
     Hkv = p.kv_heads;
@@ -300,8 +304,8 @@ struct Problem {
     Sq = p.q_len;
     Sk = p.kv_len;
     D = p.head_dim;
-    bq = cfg.block_q;
-    bk = cfg.block_k;
+    bq = block_q;
+    bk = block_k;
     n_q_tiles = (Sq + bq - 1) / bq;
     n_k_tiles = (Sk + bk - 1) / bk;
     kv_end.assign(static_cast<size_t>(B), Sk);
@@ -521,7 +525,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
 template <typename scalar_t>
 void forward_impl(const AttentionParams& p) {
   using acc_t = acc_type_t<scalar_t>;
-  const Problem pr(p);
+  const Problem pr(p, config().fwd_block_q, config().fwd_block_k);
   std::vector<int64_t> cost(static_cast<size_t>(pr.B * pr.H * pr.n_q_tiles));
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
     const int64_t b = t / (pr.H * pr.n_q_tiles), qt = t % pr.n_q_tiles;
@@ -558,7 +562,7 @@ template <typename scalar_t>
 void backward_impl(const AttentionBackwardParams& bp) {
   using acc_t = acc_type_t<scalar_t>;
   const AttentionParams& p = bp.fwd;
-  const Problem pr(p);
+  const Problem pr(p, config().bwd_block_q, config().bwd_block_k);
   const int64_t B = pr.B, H = pr.H, Hkv = pr.Hkv, G = pr.G, Sq = pr.Sq, Sk = pr.Sk, D = pr.D, bq = pr.bq,
                 bk = pr.bk;
   const auto* dout_base = static_cast<const scalar_t*>(bp.dout);
