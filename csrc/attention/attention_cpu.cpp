@@ -97,66 +97,82 @@ inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 // beta == 0 never reads C.
 
 // at::vec kernel: an MR x 2 vectors block of C in registers, A broadcast from any
-// layout, B rows loaded as vectors (Bᵀ is packed first).
+// layout, B rows (2 vectors wide; Bᵀ and column tails are packed first) loaded as
+// vectors; C is stored for the first `ncols` columns.
 template <typename T, int MR>
-inline void micro_kernel(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c, int64_t ldc,
-                         int64_t k, int64_t ncols, T alpha, T beta) {
+inline void micro_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t ldb,
+                         T* c, int64_t ldc, int64_t k, int64_t ncols, T alpha, T beta) {
   constexpr int64_t L = Vec<T>::size();
   Vec<T> acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = Vec<T>(T(0));
-  if (ncols == 2 * L) {
-    for (int64_t p = 0; p < k; ++p) {
-      const Vec<T> b0 = Vec<T>::loadu(b + p * ldb), b1 = Vec<T>::loadu(b + p * ldb + L);
-      const T* ap = a + p * a_cs;
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const Vec<T> av(ap[r * a_rs]);
-        acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
-      }
-    }
-  } else {
-    const int64_t n0 = std::min(ncols, L), n1 = ncols - n0;
-    for (int64_t p = 0; p < k; ++p) {
-      const Vec<T> b0 = Vec<T>::loadu(b + p * ldb, n0);
-      const Vec<T> b1 = n1 > 0 ? Vec<T>::loadu(b + p * ldb + L, n1) : Vec<T>(T(0));
-      const T* ap = a + p * a_cs;
-      for (int r = 0; r < MR; ++r) {
-        const Vec<T> av(ap[r * a_rs]);
-        acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
-      }
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = Vec<T>(T(0));
+  for (int64_t p = 0; p < k; ++p) {
+    const Vec<T> b0 = Vec<T>::loadu(b + p * ldb), b1 = Vec<T>::loadu(b + p * ldb + L);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec<T> av(ap[r * a_rs]);
+      acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
+      acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
     }
   }
   const Vec<T> va(alpha), vb(beta);
-  const int64_t n0 = std::min(ncols, L), n1 = ncols - n0;
-  for (int r = 0; r < MR; ++r) {
-    T* cr = c + r * ldc;
-    Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
-    if (beta != T(0)) {
-      r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr, n0), r0);
-      if (n1 > 0) r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L, n1), r1);
+  if (ncols == 2 * L) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      T* cr = c + r * ldc;
+      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
+      if (beta != T(0)) {
+        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr), r0);
+        r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L), r1);
+      }
+      r0.store(cr);
+      r1.store(cr + L);
     }
-    r0.store(cr, n0);
-    if (n1 > 0) r1.store(cr + L, n1);
+  } else {
+    const int64_t n0 = std::min(ncols, L), n1 = ncols - n0;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      T* cr = c + r * ldc;
+      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
+      if (beta != T(0)) {
+        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr, n0), r0);
+        if (n1 > 0) r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L, n1), r1);
+      }
+      r0.store(cr, n0);
+      if (n1 > 0) r1.store(cr + L, n1);
+    }
   }
 }
 
 template <typename T>
 void gemm_vec(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
               const T* b, int64_t ldb, T beta, T* c, int64_t ldc, std::vector<T>& pack) {
-  if (trans_b) {  // pack Bᵀ (k x n) so that its rows are contiguous
-    pack.resize(static_cast<size_t>(k * n));
-    for (int64_t j = 0; j < n; ++j) {
-      const T* src = b + j * ldb;
-      for (int64_t p = 0; p < k; ++p) pack[p * n + j] = src[p];
-    }
-    b = pack.data();
-    ldb = n;
-  }
-  const int64_t a_rs = trans_a ? 1 : lda, a_cs = trans_a ? lda : 1;
   constexpr int64_t NR = 2 * Vec<T>::size();
   constexpr int MR = 6;
+  const int64_t n_pad = (n + NR - 1) / NR * NR;
+  if (trans_b || n_pad != n) {
+    // Pack op(B) as k x n_pad rows (zero columns past n) so that every panel is full width;
+    // 8 x 8 blocks keep both sides of a transpose within a few cache lines.
+    pack.assign(static_cast<size_t>(k * n_pad), T(0));
+    if (trans_b) {
+      constexpr int64_t kBlock = 8;
+      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+        const int64_t j1 = std::min(n, j0 + kBlock);
+        for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
+          const int64_t p1 = std::min(k, p0 + kBlock);
+          for (int64_t p = p0; p < p1; ++p) {
+            for (int64_t j = j0; j < j1; ++j) pack[p * n_pad + j] = b[j * ldb + p];
+          }
+        }
+      }
+    } else {
+      for (int64_t p = 0; p < k; ++p) std::copy(b + p * ldb, b + p * ldb + n, pack.data() + p * n_pad);
+    }
+    b = pack.data();
+    ldb = n_pad;
+  }
+  const int64_t a_rs = trans_a ? 1 : lda, a_cs = trans_a ? lda : 1;
   for (int64_t j = 0; j < n; j += NR) {
     const int64_t nc = std::min(NR, n - j);
     int64_t i = 0;
@@ -444,7 +460,7 @@ inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
 
 template <typename acc_t>
 struct FwdWorkspace {
-  std::vector<acc_t> q, k, v, s, z, acc, pack;
+  std::vector<acc_t> q, k, v, s, z, acc, lse, pack;
   std::vector<SoftmaxRow<acc_t>> rows;
 };
 
@@ -539,15 +555,9 @@ void forward_impl(const AttentionParams& p) {
     const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
     const int64_t b = bh / pr.H, h = bh % pr.H;
     const int64_t q0 = qt * pr.bq, mq = std::min(pr.bq, pr.Sq - q0);
-    acc_t lse[1024];
-    acc_t* lse_buf = mq <= 1024 ? lse : nullptr;
-    std::vector<acc_t> lse_heap;
-    if (lse_buf == nullptr) {
-      lse_heap.resize(static_cast<size_t>(mq));
-      lse_buf = lse_heap.data();
-    }
-    forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, lse_buf);
-    for (int64_t r = 0; r < mq; ++r) p.lse[bh * pr.Sq + q0 + r] = static_cast<float>(lse_buf[r]);
+    ws.lse.resize(static_cast<size_t>(mq));
+    forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data());
+    for (int64_t r = 0; r < mq; ++r) p.lse[bh * pr.Sq + q0 + r] = static_cast<float>(ws.lse[r]);
   });
 }
 
