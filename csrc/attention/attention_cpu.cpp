@@ -202,12 +202,41 @@ inline void blas_call(const char* ta, const char* tb, int m, int n, int k, doubl
 }
 
 template <typename T>
-bool blas_available() {
+bool blas_linked() {
   if constexpr (std::is_same_v<T, float>) {
     return sgemm_ != nullptr;
   } else {
     return dgemm_ != nullptr;
   }
+}
+
+// Whether the BLAS is there and computes what the row-major wrapper expects (a
+// small product of every transpose form against the at::vec kernel, once per
+// process): a BLAS with another integer width or calling convention is not used.
+template <typename T>
+bool blas_usable() {
+  static const bool ok = [] {
+    if (!blas_linked<T>()) return false;
+    constexpr int64_t m = 5, n = 3, k = 4;
+    T a[m * k], b[k * n], c1[m * n], c2[m * n];
+    std::vector<T> pack;
+    for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<T>((i * 7) % 11) - T(5);
+    for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<T>((i * 5) % 13) - T(6);
+    for (const bool ta : {false, true}) {
+      for (const bool tb : {false, true}) {
+        const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+        for (int64_t i = 0; i < m * n; ++i) c1[i] = c2[i] = T(1);
+        blas_call(tb ? "T" : "N", ta ? "T" : "N", static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                  T(2), b, static_cast<int>(ldb), a, static_cast<int>(lda), T(1), c1, static_cast<int>(n));
+        gemm_vec<T>(ta, tb, m, n, k, T(2), a, lda, b, ldb, T(1), c2, n, pack);
+        for (int64_t i = 0; i < m * n; ++i) {
+          if (c1[i] != c2[i]) return false;  // small integers: exact in both
+        }
+      }
+    }
+    return true;
+  }();
+  return ok;
 }
 
 template <typename T>
@@ -220,7 +249,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     }
     return;
   }
-  if (config().blas && blas_available<T>()) {
+  if (config().blas && blas_usable<T>()) {
     // Column-major BLAS sees each row-major matrix transposed: Cᵀ = op(B)ᵀ op(A)ᵀ.
     blas_call(trans_b ? "T" : "N", trans_a ? "T" : "N", static_cast<int>(n), static_cast<int>(m),
               static_cast<int>(k), alpha, b, static_cast<int>(ldb), a, static_cast<int>(lda), beta, c,
