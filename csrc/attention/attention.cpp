@@ -204,9 +204,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_impl(
   const at::Tensor rng_c = rng_state.contiguous();
   const at::Tensor dout = rows_contiguous(grad_out);
 
-  at::Tensor dq = at::empty({B, H, Sq, D}, q.options());
-  at::Tensor dk = at::empty({B, Hkv, Sk, D}, q.options());
-  at::Tensor dv = at::empty({B, Hkv, Sk, D}, q.options());
+  // The CPU kernel writes every element; on CUDA keys that no query sees may be left
+  // untouched by the kernel, so the gradients start at zero there.
+  auto alloc = [&](at::IntArrayRef shape) {
+    return q.is_cuda() ? at::zeros(shape, q.options()) : at::empty(shape, q.options());
+  };
+  at::Tensor dq = alloc({B, H, Sq, D});
+  at::Tensor dk = alloc({B, Hkv, Sk, D});
+  at::Tensor dv = alloc({B, Hkv, Sk, D});
   at::Tensor delta = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
 
   AttentionBackwardParams bp{};
