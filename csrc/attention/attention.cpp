@@ -129,7 +129,8 @@ AttentionParams make_params(const Inputs& in, const at::Tensor& out, const at::T
     p.mask_row_stride = in.mask.stride(2);
     p.mask_col_stride = in.mask.stride(3);
   }
-  p.key_padding = in.key_padding.defined() ? reinterpret_cast<const uint8_t*>(in.key_padding.const_data_ptr()) : nullptr;
+  p.key_padding =
+      in.key_padding.defined() ? reinterpret_cast<const uint8_t*>(in.key_padding.const_data_ptr()) : nullptr;
   p.key_len = in.key_len.defined() ? in.key_len.const_data_ptr<int32_t>() : nullptr;
   p.dropout_p = static_cast<float>(dropout_p);
   p.dropout_threshold = dropout_p > 0.0 ? attention_dropout_threshold(dropout_p) : 0u;

@@ -7,7 +7,8 @@
 // query tile); backward: one (batch, kv head, key-tile range) that accumulates
 // dk/dv of its key tiles over the query heads of its group, and dq of those
 // heads), handed out dynamically, most expensive first, to the at::parallel_for
-// threads. Results do not depend on the scheduling: no atomics, no races.
+// threads. Results do not depend on the scheduling: no atomics, no races (for a
+// given thread count they are bit-identical run to run).
 //
 // Tiles that the causal mask or the key padding hide entirely are never
 // computed: keys >= key_len[b] and key tiles whose keys are all padding are
@@ -638,18 +639,20 @@ void backward_impl(const AttentionBackwardParams& bp) {
     }
   });
   if constexpr (exact) {
-    run_tasks<FwdWorkspace<acc_t>>(by_cost(std::vector<int64_t>(static_cast<size_t>(B * H * pr.n_q_tiles), 1)),
-                                   2.0 * static_cast<double>(B * H) * Sq * Sk * D, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
-                                     const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
-                                     forward_tile<scalar_t, acc_t>(pr, bh / H, bh % H, qt, ws, nullptr,
-                                                                   lse_acc + bh * Sq + qt * bq);
-                                   });
+    const std::vector<int64_t> order = by_cost(std::vector<int64_t>(static_cast<size_t>(B * H * pr.n_q_tiles), 1));
+    const double flops = 2.0 * static_cast<double>(B * H) * Sq * Sk * D;
+    run_tasks<FwdWorkspace<acc_t>>(order, flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
+      const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
+      forward_tile<scalar_t, acc_t>(pr, bh / H, bh % H, qt, ws, nullptr, lse_acc + bh * Sq + qt * bq);
+    });
   }
 
   // Key-tile ranges per (b, kv head): enough tasks to keep every thread busy.
+  // (The chunking, hence dq's summation order, depends on the thread count: results
+  // are bit-identical run to run for a given number of threads.)
   const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks =
-      std::max<int64_t>(1, std::min<int64_t>(pr.n_k_tiles, (2 * threads + B * Hkv - 1) / std::max<int64_t>(1, B * Hkv)));
+  const int64_t pairs = std::max<int64_t>(1, B * Hkv);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(pr.n_k_tiles, (2 * threads + pairs - 1) / pairs));
   const int64_t tiles_per_chunk = std::max<int64_t>(1, (pr.n_k_tiles + n_chunks - 1) / n_chunks);
 
   // dq accumulates in acc_t: in dq itself for float32/float64 with one chunk,
