@@ -287,6 +287,21 @@ def test_expanded_upstream_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_single_rows_with_any_stride(device):
+    """A length-1 sequence dim may carry any stride (here 0): the kernels must not use it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    k = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    v = torch.randn(2, 2, 1, 8, generator=g).to(device)
+    grad = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad)
+    r_out, r_grads = _run(reference.masked_attention, q, k, v, grad)
+    assert_close(out, r_out, torch.float32)
+    for a, e in zip(grads, r_grads):
+        assert_close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_sizes(device):
     q = torch.randn(2, 2, 5, 8, device=device, requires_grad=True)
     k = torch.randn(2, 2, 0, 8, device=device, requires_grad=True)

@@ -29,6 +29,10 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// The row stride the kernels see: a single row may carry any stride (even 0),
+// but the tile products need a leading dimension of at least D.
+int64_t row_stride(const at::Tensor& t) { return t.size(2) <= 1 ? t.size(3) : t.stride(2); }
+
 struct Inputs {
   at::Tensor q, k, v;
   at::Tensor mask;         // (B, H, Sq, Sk) view: bool or float32, or undefined
@@ -102,13 +106,13 @@ AttentionParams make_params(const Inputs& in, const at::Tensor& out, const at::T
   p.v = in.v.const_data_ptr();
   p.q_batch_stride = in.q.stride(0);
   p.q_head_stride = in.q.stride(1);
-  p.q_row_stride = in.q.stride(2);
+  p.q_row_stride = row_stride(in.q);
   p.k_batch_stride = in.k.stride(0);
   p.k_head_stride = in.k.stride(1);
-  p.k_row_stride = in.k.stride(2);
+  p.k_row_stride = row_stride(in.k);
   p.v_batch_stride = in.v.stride(0);
   p.v_head_stride = in.v.stride(1);
-  p.v_row_stride = in.v.stride(2);
+  p.v_row_stride = row_stride(in.v);
   p.out = const_cast<void*>(out.const_data_ptr());
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.batch = static_cast<int>(in.q.size(0));
@@ -227,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_impl(
   bp.dout = dout.const_data_ptr();
   bp.dout_batch_stride = dout.stride(0);
   bp.dout_head_stride = dout.stride(1);
-  bp.dout_row_stride = dout.stride(2);
+  bp.dout_row_stride = row_stride(dout);
   bp.dq = dq.data_ptr();
   bp.dk = dk.data_ptr();
   bp.dv = dv.data_ptr();
