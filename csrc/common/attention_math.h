@@ -70,7 +70,8 @@ VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
 }
 
 // The backward's probability of a (scaled, masked) score: exp(score - lse), 0 for a
-// masked score (-inf) and for every score of an empty row (lse = +inf).
+// masked score (-inf) and for every score of an empty row (lse = +inf). (The CPU
+// kernel evaluates this and softmax_grad below on whole rows with at::vec.)
 template <typename acc_t>
 VAE_HD acc_t softmax_prob_from_lse(acc_t score, acc_t lse) {
   return exp_(score - lse);
