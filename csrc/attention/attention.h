@@ -67,6 +67,12 @@ struct AttentionParams {
   int64_t* rng_state;
 
   DType dtype;
+
+  // Added for float64 math (the fields above are float32): the same scale and
+  // dropout probability in double precision. Kernels computing in float64 use
+  // these; float32 math may use either.
+  double scale_f64;
+  double dropout_p_f64;
 };
 
 struct AttentionBackwardParams {
