@@ -4,13 +4,13 @@
 // tests use to run the CUDA kernels on machines without a GPU.
 #pragma once
 
+#if defined(VAE_EXT_CUDA_EMULATION)
+#include "common/cuda_emu.h"  // before the CUDA headers
+#endif
+
 #include <cuda_runtime.h>
 
 #include <cstddef>
-
-#if defined(VAE_EXT_CUDA_EMULATION)
-#include "common/cuda_emu.h"
-#endif
 
 namespace vae_ext {
 
@@ -29,9 +29,7 @@ inline void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 template <typename... KernelArgs>
 inline cudaError_t set_max_dynamic_smem(void (*kernel)(KernelArgs...), size_t bytes) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  (void)kernel;
-  (void)bytes;
-  return cudaSuccess;
+  return emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 #else
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 #endif

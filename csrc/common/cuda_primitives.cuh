@@ -16,22 +16,26 @@
 // (.trans: the transposed matrix).
 #pragma once
 
+#if defined(VAE_EXT_CUDA_EMULATION)
+#include "common/cuda_emu.h"  // before the CUDA headers
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#if defined(VAE_EXT_CUDA_EMULATION)
-#include "common/cuda_emu.h"
-#endif
-
 namespace vae_ext::dev {
 
+// VAE_SITE: under emulation, trailing defaulted parameters that carry the caller's file and line into
+// the emulator's error messages (callers never pass them); nothing on the device.
 #if defined(VAE_EXT_CUDA_EMULATION)
 #define VAE_DEV inline
+#define VAE_SITE VAE_EMU_SITE
 #else
 #define VAE_DEV __device__ __forceinline__
+#define VAE_SITE
 #endif
 
 // The block's dynamic shared memory (16-byte aligned).
@@ -49,9 +53,10 @@ VAE_DEV uint32_t smem_u32(const void* ptr) { return static_cast<uint32_t>(__cvta
 #endif
 
 // d = a * b + c, bf16 inputs, fp32 accumulators.
-VAE_DEV void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+VAE_DEV void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                               const float (&c)[4] VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::mma_m16n8k16(d, a, b, c, /*bf16=*/true);
+  emu::mma_m16n8k16(d, a, b, c, /*bf16=*/true, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -63,9 +68,10 @@ VAE_DEV void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint
 }
 
 // d = a * b + c, fp16 inputs, fp32 accumulators.
-VAE_DEV void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+VAE_DEV void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                              const float (&c)[4] VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::mma_m16n8k16(d, a, b, c, /*bf16=*/false);
+  emu::mma_m16n8k16(d, a, b, c, /*bf16=*/false, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -77,9 +83,9 @@ VAE_DEV void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint3
 }
 
 // Four 8x8 matrices of 16-bit elements from shared memory; `row` is this lane's row address.
-VAE_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+VAE_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* row VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::ldmatrix(r, 4, row, /*trans=*/false);
+  emu::ldmatrix(r, 4, row, /*trans=*/false, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -87,9 +93,9 @@ VAE_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
-VAE_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+VAE_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::ldmatrix(r, 4, row, /*trans=*/true);
+  emu::ldmatrix(r, 4, row, /*trans=*/true, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -98,9 +104,9 @@ VAE_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 }
 
 // Two 8x8 matrices (lanes 0..15 give the row addresses).
-VAE_DEV void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+VAE_DEV void ldmatrix_x2(uint32_t (&r)[2], const void* row VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::ldmatrix(r, 2, row, /*trans=*/false);
+  emu::ldmatrix(r, 2, row, /*trans=*/false, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -108,9 +114,9 @@ VAE_DEV void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
 #endif
 }
 
-VAE_DEV void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+VAE_DEV void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::ldmatrix(r, 2, row, /*trans=*/true);
+  emu::ldmatrix(r, 2, row, /*trans=*/true, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -120,9 +126,9 @@ VAE_DEV void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
 
 // 16-byte global -> shared copy that bypasses registers; with pred == false the
 // destination is zero-filled and nothing is read (out-of-range rows).
-VAE_DEV void cp_async_16(void* smem_dst, const void* gmem_src, bool pred = true) {
+VAE_DEV void cp_async_16(void* smem_dst, const void* gmem_src, bool pred = true VAE_SITE) {
 #if defined(VAE_EXT_CUDA_EMULATION)
-  emu::cp_async_16(smem_dst, gmem_src, pred);
+  emu::cp_async_16(smem_dst, gmem_src, pred, VAE_EMU_SITE_ARGS);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
                "r"(pred ? 16 : 0));
@@ -130,7 +136,9 @@ VAE_DEV void cp_async_16(void* smem_dst, const void* gmem_src, bool pred = true)
 }
 
 VAE_DEV void cp_async_commit() {
-#if !defined(VAE_EXT_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(VAE_EXT_CUDA_EMULATION)
+  emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
@@ -138,7 +146,9 @@ VAE_DEV void cp_async_commit() {
 // Wait until at most N committed groups of this thread are still in flight.
 template <int N>
 VAE_DEV void cp_async_wait() {
-#if !defined(VAE_EXT_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(VAE_EXT_CUDA_EMULATION)
+  emu::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

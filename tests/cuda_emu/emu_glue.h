@@ -1,0 +1,63 @@
+// Helpers for the glue files of tests/cuda_emu/: each glue file exposes a
+// kernel entry point of a .cu file (built under the CPU emulation) as a torch
+// op in the vae_ext_emu namespace, taking CPU tensors.
+//
+// Tensors handed to a kernel are copied into emulated "device memory"
+// (emu::device_alloc): a read or write past the end of any of them is reported
+// by the launch, and outputs start as 0xFF bytes (NaN), so an element a kernel
+// forgets to write shows.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/cuda_emu_host.h"
+#include "common/dtype.h"
+
+namespace vae_ext::emu_glue {
+
+// An uninitialised (0xFF-filled) tensor in device memory, `misalign` bytes past a 16-byte boundary.
+inline at::Tensor device_empty(at::IntArrayRef sizes, at::ScalarType dtype, size_t misalign = 0) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* ptr = emu::device_alloc(bytes, misalign);
+  return at::from_blob(ptr, sizes, [](void* p) { emu::device_free(p); }, at::TensorOptions().dtype(dtype));
+}
+
+// A contiguous copy of CPU tensor `t` in device memory. A view keeps its offset's alignment (mod 16
+// bytes), so a kernel's misaligned path runs for a misaligned view.
+inline at::Tensor to_device(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "vae_ext_emu: tensors must be on the CPU (emulated device memory is host memory)");
+  const size_t misalign = static_cast<size_t>(t.storage_offset() * t.element_size()) % 16;
+  at::Tensor d = device_empty(t.sizes(), t.scalar_type(), misalign);
+  d.copy_(t);
+  return d;
+}
+
+inline std::optional<at::Tensor> to_device(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return to_device(*t);
+}
+
+inline DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "vae_ext_emu: unsupported dtype ", t.scalar_type());
+  }
+}
+
+}  // namespace vae_ext::emu_glue
