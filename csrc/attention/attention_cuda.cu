@@ -34,6 +34,12 @@ void check_supported(const AttentionParams& p, const char* what) {
     throw std::invalid_argument(std::string("vae_ext: ") + what + ": head dim " + std::to_string(p.head_dim) +
                                 " > " + std::to_string(kMaxSimtHeadDim) + " has no CUDA kernel");
   }
+  // Query (and, SIMT, key) tiles index gridDim.y (<= 65535).
+  const int64_t rows_per_block = tensor_core_path(p) ? 128 : 16;
+  if ((p.q_len + rows_per_block - 1) / rows_per_block > 65535 ||
+      (p.kv_len + rows_per_block - 1) / rows_per_block > 65535) {
+    throw std::invalid_argument(std::string("vae_ext: ") + what + ": sequence length too long for the CUDA grid");
+  }
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) {
     throw std::invalid_argument(std::string("vae_ext: ") + what + ": heads must be a multiple of kv_heads");
   }
@@ -92,9 +98,10 @@ __global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Attentio
                                                                   int rows) {
   const AttentionParams& p = bp.fwd;
   const int lane = threadIdx.x & 31;
-  const int i = blockIdx.y * 8 + (threadIdx.x >> 5);
-  if (i >= rows) return;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int64_t w = blockIdx.x * static_cast<int64_t>(8) + (threadIdx.x >> 5);  // one warp per (b, h, row)
+  if (w >= static_cast<int64_t>(p.batch) * p.heads * rows) return;
+  const int bh = static_cast<int>(w / rows), i = static_cast<int>(w % rows);
+  const int b = bh / p.heads, h = bh % p.heads;
   const int d = p.head_dim;
   const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
   if (i < p.q_len) {
@@ -135,7 +142,9 @@ template <typename T>
 void run_preprocess(const AttentionBackwardParams& bp, const BwdWorkspace& ws, cudaStream_t stream) {
   const AttentionParams& p = bp.fwd;
   const int rows = ws.lse2 != nullptr ? static_cast<int>(ws.q_pad) : p.q_len;
-  launch(attn_bwd_preprocess_kernel<T>, dim3(p.batch * p.heads, (rows + 7) / 8), dim3(256), 0, stream, bp, ws, rows);
+  const int64_t warps = static_cast<int64_t>(p.batch) * p.heads * rows;
+  launch(attn_bwd_preprocess_kernel<T>, dim3(static_cast<unsigned>((warps + 7) / 8)), dim3(256), 0, stream, bp, ws,
+         rows);
   check_cuda(cudaGetLastError(), "attention backward preprocessing kernel");
 }
 
@@ -167,6 +176,11 @@ void attention_backward_cuda(const AttentionBackwardParams& bp, CUstream_st* str
   const AttentionParams& p = bp.fwd;
   check_supported(p, "attention backward");
   if (static_cast<int64_t>(p.batch) * p.heads * p.q_len == 0) return;
+  if (p.kv_len == 0) {  // no key: every row is empty, dq = 0 (dk, dv are empty)
+    const size_t bytes = static_cast<size_t>(p.batch) * p.heads * p.q_len * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
+    check_cuda(cudaMemsetAsync(bp.dq, 0, bytes, stream), "attention backward: zeroing dq");
+    return;
+  }
   const WsLayout lay = ws_layout(bp);
   BwdWorkspace ws{};
   if (lay.total > 0) {

@@ -789,22 +789,22 @@ template <int kD> struct TileConfig;
 // Forward: (head dim, query rows, keys per tile, warps). dK/dV: (head dim, queries per step, keys, warps).
 // dQ (deterministic mode): (head dim, query rows, keys per tile, warps).
 template <> struct TileConfig<32> {
-  using Fwd = FwdCfg<32, 128, 128, 4>;
+  using Fwd = FwdCfg<32, 128, 64, 4>;
   using Bwd = BwdCfg<32, 64, 128, 8>;
   using Dq = DqCfg<32, 64, 128, 4>;
 };
 template <> struct TileConfig<64> {
-  using Fwd = FwdCfg<64, 128, 128, 8>;
+  using Fwd = FwdCfg<64, 128, 64, 4>;
   using Bwd = BwdCfg<64, 64, 128, 8>;
   using Dq = DqCfg<64, 64, 64, 4>;
 };
 template <> struct TileConfig<96> {
-  using Fwd = FwdCfg<96, 128, 64, 8>;
+  using Fwd = FwdCfg<96, 128, 32, 4>;
   using Bwd = BwdCfg<96, 64, 128, 8>;
   using Dq = DqCfg<96, 64, 64, 4>;
 };
 template <> struct TileConfig<128> {
-  using Fwd = FwdCfg<128, 128, 64, 8>;
+  using Fwd = FwdCfg<128, 128, 32, 4>;
   using Bwd = BwdCfg<128, 64, 128, 8>;
   using Dq = DqCfg<128, 64, 64, 4>;
 };
