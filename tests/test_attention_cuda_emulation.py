@@ -19,7 +19,8 @@ from vae_ext import reference
 
 pytestmark = cuda_emu.requires_emulation
 
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# The tolerances of tests/conftest.py (outputs; gradients get 4x, as in test_attention.py).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def run_case(emu, *, b=1, h=2, hkv=None, sq=40, sk=40, d=64, dtype=torch.bfloat1
                                                 deterministic, pass_padding_mask, misalign)
     # The oracle's gradient at the kernel's own output rounding: compare to float64 autograd.
     ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qd, kd, vd), grad.double())
-    gscale = 2.0 if dtype != torch.float32 else 5.0
+    gscale = 4.0
     close(dq, ref_dq, dtype, "dq", gscale)
     close(dk, ref_dk, dtype, "dk", gscale)
     close(dv, ref_dv, dtype, "dv", gscale)
@@ -269,3 +270,10 @@ def test_tc_atomic_and_deterministic_dq_agree_tightly(emu):
     dq_d, dk_d, dv_d = run_case(emu, deterministic=True, **kw)
     torch.testing.assert_close(dq_a.double(), dq_d.double(), rtol=3e-3, atol=3e-4)
     assert torch.equal(dk_a, dk_d) and torch.equal(dv_a, dv_d)  # the same kernel computes them
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tc_larger_everything_at_once(emu, deterministic):
+    # Several query tiles, key tiles and key blocks at D = 128 with every feature on.
+    run_case(emu, b=2, h=4, hkv=2, d=128, sq=260, sk=300, causal=True, padding="holes", p=0.1, seed=3,
+             deterministic=deterministic)
