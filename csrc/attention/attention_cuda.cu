@@ -23,7 +23,25 @@ namespace {
 
 bool is16(DType t) { return t == DType::kBFloat16 || t == DType::kFloat16; }
 
-bool tensor_core_path(const AttentionParams& p) { return is16(p.dtype) && p.head_dim <= kMaxTensorCoreHeadDim; }
+// Opt-in shared memory per block of the current device (cached per device).
+size_t device_smem_optin() {
+  static int cache[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cache[dev] == 0) {
+    int value = 0;
+    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    cache[dev] = value;
+  }
+  return static_cast<size_t>(cache[dev]);
+}
+
+bool tensor_core_path(const AttentionParams& p) {
+  return is16(p.dtype) && p.head_dim <= kMaxTensorCoreHeadDim &&
+         tc_smem_bytes(padded_head_dim(p.head_dim)) <= device_smem_optin();
+}
 
 void check_supported(const AttentionParams& p, const char* what) {
   if (p.dtype == DType::kFloat64) {

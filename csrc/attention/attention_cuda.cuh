@@ -71,6 +71,17 @@
 // of this file and compute in float32 throughout; float64 inputs run the
 // PyTorch reference (vae_ext.ops.attention.supports says so).
 //
+// Tiles (TileConfig below; shared memory fits A100 and H100, 2 forward blocks per SM):
+//   head dim   forward (rows x keys, warps)   dK/dV (queries x keys, warps)   dQ pass (rows x keys, warps)
+//   32         128 x 64, 4                    64 x 128, 8                     64 x 128, 4
+//   64         128 x 64, 4                    64 x 128, 8                     64 x 64, 4
+//   96         128 x 32, 4                    64 x 128, 8                     64 x 64, 4
+//   128        128 x 32, 4                    64 x 128, 8                     64 x 64, 4
+// The forward gives each warp 32 rows (two mma row tiles share every K / V
+// fragment: 0.375 ldmatrix per mma instead of 0.56 with 16 rows), with key
+// tiles as long as the 255 registers allow. A device with less opt-in shared
+// memory per block than the dK/dV kernel needs runs the SIMT kernels instead.
+//
 // Why hand-written mma.sync rather than CUTLASS/CuTe: the kernels must also
 // build as plain C++ against the CPU emulation of the CUDA execution model
 // (common/cuda_emu.h), which is how CI runs them without a GPU; CuTe's
@@ -814,6 +825,15 @@ inline bool in_vec_ok(const AttentionParams& p) {
          rows_aligned16(p.k, p.k_batch_stride, p.k_head_stride, p.k_row_stride) &&
          rows_aligned16(p.v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
 }
+
+template <int kD>
+constexpr bool smem_table_ok() {
+  using C = TileConfig<kD>;
+  constexpr size_t most = C::Bwd::kSmemBytes;
+  return most == tc_smem_bytes(kD) && C::Fwd::kSmemBytes <= most && C::Dq::kSmemBytes <= most;
+}
+static_assert(smem_table_ok<32>() && smem_table_ok<64>() && smem_table_ok<96>() && smem_table_ok<128>(),
+              "tc_smem_bytes (attention_cuda.h) must state the tile configs' shared memory");
 
 template <typename T, int kD>
 void run_fwd_tc(const AttentionParams& p, cudaStream_t stream) {

@@ -47,6 +47,13 @@ constexpr int kMaxTensorCoreHeadDim = 128;
 constexpr int kMaxSimtHeadDim = 256;
 inline int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
 
+// The largest dynamic shared memory a tensor-core kernel of a compiled head dim uses
+// (its dK/dV kernel; attention_cuda.cuh checks the tile configs against it). A device
+// with less opt-in shared memory per block (not A100 / H100) runs the SIMT kernels.
+constexpr size_t tc_smem_bytes(int padded_d) {
+  return padded_d == 32 ? 60416 : padded_d == 64 ? 93184 : padded_d == 96 ? 125952 : 158720;
+}
+
 // Tensor-core kernels (attention_{fwd,bwd}_hdim<kD>.cu), T = __nv_bfloat16 or __half.
 template <typename T, int kD>
 void run_fwd_tc(const AttentionParams& p, cudaStream_t stream);
