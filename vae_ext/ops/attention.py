@@ -17,6 +17,14 @@ def _has_kernel() -> bool:
     return _backend.extension_loaded() and hasattr(torch.ops.vae_ext, "masked_attention_forward")
 
 
+_CUDA_TC_MAX_HEAD_DIM = 128
+_CUDA_MAX_HEAD_DIM = 256
+
+
+def _cuda_padded_head_dim(d: int) -> int:
+    return next(c for c in (32, 64, 96, 128) if d <= c)
+
+
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False
              ) -> tuple[bool, str]:
     """Whether the compiled kernels handle this input, and why not."""
@@ -31,6 +39,16 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_
         return False, "the kernels do not compute a gradient for attn_mask (it requires grad)"
     if dtype not in FLOAT_DTYPES:
         return False, f"dtype {dtype} has no kernel"
+    if device.type == "cuda":
+        # csrc/attention/attention_cuda.cu: tensor cores for bf16/fp16 with D <= 128 (padded to
+        # 32/64/96/128), FFMA kernels for float32 and for bf16/fp16 with 128 < D <= 256.
+        if dtype == torch.float64:
+            return False, "float64 has no CUDA kernel (the reference runs)"
+        if head_dim > _CUDA_MAX_HEAD_DIM:
+            return False, f"head dim {head_dim} > {_CUDA_MAX_HEAD_DIM} has no CUDA kernel (the reference runs)"
+        if dtype in (torch.bfloat16, torch.float16) and head_dim <= _CUDA_TC_MAX_HEAD_DIM:
+            return True, f"{reason}: tensor-core kernels (head dim padded to {_cuda_padded_head_dim(head_dim)})"
+        return True, f"{reason}: FFMA kernels (float32 arithmetic)"
     return True, reason
 
 
