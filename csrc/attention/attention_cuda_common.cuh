@@ -14,6 +14,7 @@
 
 #include "attention/attention.h"
 #include "attention/attention_cuda.h"
+#include "common/attention_math.h"
 #include "common/cuda_launch.cuh"
 #include "common/cuda_primitives.cuh"
 #include "common/philox.h"
@@ -188,18 +189,21 @@ VAE_DEV void write_rng_state(const AttentionParams& p) {
 // ---------------------------------------------------------------- dropout
 
 // The dropout stream of one (batch, head) plane (attention.h): element (i, j)
-// uses word j % 4 of philox(seed, counter_lo, (row_base + i) * groups_per_row + j / 4).
+// uses word j % 4 of philox(seed, counter_lo, (row_base + i) * ceil(Sk / 4) + j / 4).
 struct DropoutCtx {
   bool enabled;
   uint32_t threshold;
   float inv_keep;  // 1 / (1 - p)
-  uint64_t seed, counter_lo, groups_per_row, row_base;
+  uint64_t seed, counter_lo, row_base;
+  int64_t kv_len;
 
+  // The block holding keys 4 group .. 4 group + 3 of query row i (common/attention_math.h).
   VAE_DEV Philox4 block(int i, int group) const {
     return philox4x32_10(seed, counter_lo,
-                         (row_base + static_cast<uint64_t>(i)) * groups_per_row + static_cast<uint64_t>(group));
+                         attention_dropout_group(static_cast<int64_t>(row_base + static_cast<uint64_t>(i)), kv_len,
+                                                 4 * static_cast<int64_t>(group)));
   }
-  VAE_DEV bool keep(uint32_t word) const { return (word >> 8) >= threshold; }
+  VAE_DEV bool keep(uint32_t word) const { return attention_dropout_keep(word, threshold); }
 };
 
 VAE_DEV DropoutCtx make_dropout_ctx(const AttentionParams& p, int b, int h) {
@@ -210,7 +214,7 @@ VAE_DEV DropoutCtx make_dropout_ctx(const AttentionParams& p, int b, int h) {
   d.seed = 0;
   d.counter_lo = 0;
   if (d.enabled) unpack_philox(p.philox, d.seed, d.counter_lo);
-  d.groups_per_row = static_cast<uint64_t>((p.kv_len + 3) / 4);
+  d.kv_len = p.kv_len;
   d.row_base = (static_cast<uint64_t>(b) * static_cast<uint64_t>(p.heads) + static_cast<uint64_t>(h)) *
                static_cast<uint64_t>(p.q_len);
   return d;
