@@ -35,6 +35,17 @@ TORCH_LIBRARY(vae_ext, m) {
       "Tensor grad_mu, Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar, Tensor grad_obs_logvar)");
   // The backward of elbo_forward: grad[b] * scale[b] (or scale[0]), in grad's dtype.
   m.def("elbo_scale_grad(Tensor grad, Tensor scale) -> Tensor");
+
+  // out = softmax(q kᵀ · scale + masks) v, fused; returns (out, lse float32 (B, H, Sq),
+  // rng_state int64 (2,) = the (seed, offset) of the dropout stream, for the backward).
+  m.def(
+      "masked_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
+      "bool is_causal, float scale, float dropout_p, int? seed, Generator? generator) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor rng_state, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, float scale, float dropout_p) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -67,6 +67,12 @@ struct AttentionParams {
   int64_t* rng_state;
 
   DType dtype;
+
+  // Added for float64 math (the fields above are float32): the same scale and
+  // dropout probability in double precision. Kernels computing in float64 use
+  // these; float32 math may use either.
+  double scale_f64;
+  double dropout_p_f64;
 };
 
 struct AttentionBackwardParams {
@@ -87,6 +93,13 @@ struct AttentionBackwardParams {
   // Extra device scratch of attention_backward_cuda_workspace_bytes(*this) bytes
   // (e.g. fp32 dq accumulators), allocated by the glue, not initialised; nullptr on CPU.
   void* workspace;
+
+  // CUDA: true = bitwise reproducible gradients (dQ by a separate atomic-free pass,
+  // ~40% more backward work); false (default) = dQ summed with float32 atomics, as
+  // FlashAttention-2 (dK, dV are deterministic either way). The glue sets it from
+  // torch.are_deterministic_algorithms_enabled(). The CPU kernel is deterministic
+  // either way. Set it before calling attention_backward_cuda_workspace_bytes.
+  bool deterministic = false;
 };
 
 void attention_forward_cpu(const AttentionParams& p);

@@ -17,6 +17,14 @@ def _has_kernel() -> bool:
     return _backend.extension_loaded() and hasattr(torch.ops.vae_ext, "masked_attention_forward")
 
 
+_CUDA_TC_MAX_HEAD_DIM = 128
+_CUDA_MAX_HEAD_DIM = 256
+
+
+def _cuda_padded_head_dim(d: int) -> int:
+    return next(c for c in (32, 64, 96, 128) if d <= c)
+
+
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False
              ) -> tuple[bool, str]:
     """Whether the compiled kernels handle this input, and why not."""
@@ -25,10 +33,22 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_
         return ok, reason
     if not _has_kernel():
         return False, "this build has no masked_attention kernels"
+    if head_dim < 1:
+        return False, "head dim 0 has no kernel"
     if attn_mask_grad:
         return False, "the kernels do not compute a gradient for attn_mask (it requires grad)"
     if dtype not in FLOAT_DTYPES:
         return False, f"dtype {dtype} has no kernel"
+    if device.type == "cuda":
+        # csrc/attention/attention_cuda.cu: tensor cores for bf16/fp16 with D <= 128 (padded to
+        # 32/64/96/128), FFMA kernels for float32 and for bf16/fp16 with 128 < D <= 256.
+        if dtype == torch.float64:
+            return False, "float64 has no CUDA kernel (the reference runs)"
+        if head_dim > _CUDA_MAX_HEAD_DIM:
+            return False, f"head dim {head_dim} > {_CUDA_MAX_HEAD_DIM} has no CUDA kernel (the reference runs)"
+        if dtype in (torch.bfloat16, torch.float16) and head_dim <= _CUDA_TC_MAX_HEAD_DIM:
+            return True, f"{reason}: tensor-core kernels (head dim padded to {_cuda_padded_head_dim(head_dim)})"
+        return True, f"{reason}: FFMA kernels (float32 arithmetic)"
     return True, reason
 
 
@@ -126,3 +146,53 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     out, _lse, _rng = torch.ops.vae_ext.masked_attention_forward(
         q, k, v, attn_mask, key_padding_mask, is_causal, float(scale), float(dropout_p), seed64, generator)
     return out
+
+
+def _register() -> None:
+    """Fake (meta) kernels and autograd for the compiled ops."""
+
+    @torch.library.register_fake("vae_ext::masked_attention_forward")
+    def _(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, generator):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                     lambda: "masked_attention_forward: q, k, v must be 4-D")
+        torch._check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
+                     lambda: "masked_attention_forward: batch sizes differ")
+        torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3],
+                     lambda: "masked_attention_forward: head dims differ")
+        b, h, sq, d = q.shape
+        out = q.new_empty((b, h, sq, d))
+        lse = q.new_empty((b, h, sq), dtype=torch.float32)
+        rng_state = q.new_empty((2,), dtype=torch.int64)
+        return out, lse, rng_state
+
+    @torch.library.register_fake("vae_ext::masked_attention_backward")
+    def _(grad_out, q, k, v, out, lse, rng_state, attn_mask, key_padding_mask, is_causal, scale, dropout_p):
+        torch._check(grad_out.shape == q.shape, lambda: "masked_attention_backward: grad_out must have q's shape")
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, _seed, _generator = inputs
+        out, lse, rng_state = output
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, attn_mask, key_padding_mask)
+        ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+        ctx.mark_non_differentiable(lse, rng_state)
+
+    def backward(ctx, grad_out, _grad_lse, _grad_rng):
+        q, k, v, out, lse, rng_state, attn_mask, key_padding_mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if need[3]:
+            raise RuntimeError(f"{OP}: the compiled kernels do not compute a gradient for a float attn_mask; "
+                               "vae_ext.masked_attention runs the reference for such a mask")
+        if not any(need[:3]):
+            return None, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = torch.ops.vae_ext.masked_attention_backward(
+            grad_out, q, k, v, out, lse, rng_state, attn_mask, key_padding_mask, ctx.is_causal, ctx.scale,
+            ctx.dropout_p)
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                None, None, None, None, None, None, None)
+
+    torch.library.register_autograd("vae_ext::masked_attention_forward", backward, setup_context=setup_context)
+
+
+if _has_kernel():
+    _register()

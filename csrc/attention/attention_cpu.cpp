@@ -1,0 +1,805 @@
+// CPU kernels of masked_attention, flash-attention style: tiles of queries and
+// keys, online softmax, the row log-sum-exp saved for the backward, which
+// recomputes the probabilities from it. Extra memory is O(B·H·S·D) (the float32
+// dq accumulator for 16-bit dtypes or a split key range), never O(S²).
+//
+// Work is split into tasks that own their outputs (forward: one (batch, head,
+// query tile); backward: one (batch, kv head, key-tile range) that accumulates
+// dk/dv of its key tiles over the query heads of its group, and dq of those
+// heads), handed out dynamically, most expensive first, to the at::parallel_for
+// threads. Results do not depend on the scheduling: no atomics, no races (for a
+// given thread count they are bit-identical run to run).
+//
+// Tiles that the causal mask or the key padding hide entirely are never
+// computed: keys >= key_len[b] and key tiles whose keys are all padding are
+// skipped, and with is_causal a query tile stops at its last query's key.
+//
+// Tile products run on float32/float64 tiles (16-bit inputs are widened tile by
+// tile), either with the BLAS that torch links (MKL's sgemm_/dgemm_ where
+// present) or with the at::vec register-blocked kernel below; see kGemm.
+#include "attention/attention.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "common/attention_math.h"
+#include "common/cpu_utils.h"
+#include "common/philox_cpu.h"
+
+// The Fortran BLAS that libtorch_cpu exports on builds with MKL or OpenBLAS.
+// Weak: on a torch without them the at::vec kernel runs.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace vae_ext {
+namespace {
+
+// ---------------------------------------------------------------- configuration
+
+// Tile sizes (queries x keys). The key tile is a multiple of 64: one vectorised
+// Philox call covers 64 keys of a row. Tuning knobs for benchmarks:
+// VAE_EXT_ATTN_BLOCK_Q, VAE_EXT_ATTN_BLOCK_K, VAE_EXT_ATTN_GEMM=blas|vec.
+struct Config {
+  int64_t fwd_block_q = 64, fwd_block_k = 128;
+  int64_t bwd_block_q = 64, bwd_block_k = 128;
+  bool blas = true;
+};
+
+const Config& config() {
+  static const Config cfg = [] {
+    Config c;
+    auto get = [](const char* name, int64_t& value, int64_t multiple) {
+      if (const char* s = std::getenv(name)) {
+        value = std::max<int64_t>(multiple, (std::atoll(s) + multiple - 1) / multiple * multiple);
+      }
+    };
+    get("VAE_EXT_ATTN_BLOCK_Q", c.fwd_block_q, 1);
+    get("VAE_EXT_ATTN_BLOCK_K", c.fwd_block_k, 64);
+    get("VAE_EXT_ATTN_BWD_BLOCK_Q", c.bwd_block_q, 1);
+    get("VAE_EXT_ATTN_BWD_BLOCK_K", c.bwd_block_k, 64);
+    if (const char* s = std::getenv("VAE_EXT_ATTN_GEMM")) c.blas = std::strcmp(s, "vec") != 0;
+    return c;
+  }();
+  return cfg;
+}
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+// ---------------------------------------------------------------- tile products
+
+// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, op(X) = X or Xᵀ; A is
+// stored m x k (or k x m when trans_a) with row stride lda, B k x n (or n x k).
+// beta == 0 never reads C.
+
+// at::vec kernel: an MR x 2 vectors block of C in registers, A broadcast from any
+// layout, B rows (2 vectors wide; Bᵀ and column tails are packed first) loaded as
+// vectors; C is stored for the first `ncols` columns.
+template <typename T, int MR>
+inline void micro_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t ldb,
+                         T* c, int64_t ldc, int64_t k, int64_t ncols, T alpha, T beta) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = Vec<T>(T(0));
+  for (int64_t p = 0; p < k; ++p) {
+    const Vec<T> b0 = Vec<T>::loadu(b + p * ldb), b1 = Vec<T>::loadu(b + p * ldb + L);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec<T> av(ap[r * a_rs]);
+      acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
+      acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
+    }
+  }
+  const Vec<T> va(alpha), vb(beta);
+  if (ncols == 2 * L) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      T* cr = c + r * ldc;
+      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
+      if (beta != T(0)) {
+        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr), r0);
+        r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L), r1);
+      }
+      r0.store(cr);
+      r1.store(cr + L);
+    }
+  } else {
+    const int64_t n0 = std::min(ncols, L), n1 = ncols - n0;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      T* cr = c + r * ldc;
+      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
+      if (beta != T(0)) {
+        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr, n0), r0);
+        if (n1 > 0) r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L, n1), r1);
+      }
+      r0.store(cr, n0);
+      if (n1 > 0) r1.store(cr + L, n1);
+    }
+  }
+}
+
+template <typename T>
+void gemm_vec(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+              const T* b, int64_t ldb, T beta, T* c, int64_t ldc, std::vector<T>& pack) {
+  constexpr int64_t NR = 2 * Vec<T>::size();
+  constexpr int MR = 6;
+  const int64_t n_pad = (n + NR - 1) / NR * NR;
+  if (trans_b || n_pad != n) {
+    // Pack op(B) as k x n_pad rows (zero columns past n) so that every panel is full width;
+    // 8 x 8 blocks keep both sides of a transpose within a few cache lines.
+    pack.assign(static_cast<size_t>(k * n_pad), T(0));
+    if (trans_b) {
+      constexpr int64_t kBlock = 8;
+      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+        const int64_t j1 = std::min(n, j0 + kBlock);
+        for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
+          const int64_t p1 = std::min(k, p0 + kBlock);
+          for (int64_t p = p0; p < p1; ++p) {
+            for (int64_t j = j0; j < j1; ++j) pack[p * n_pad + j] = b[j * ldb + p];
+          }
+        }
+      }
+    } else {
+      for (int64_t p = 0; p < k; ++p) std::copy(b + p * ldb, b + p * ldb + n, pack.data() + p * n_pad);
+    }
+    b = pack.data();
+    ldb = n_pad;
+  }
+  const int64_t a_rs = trans_a ? 1 : lda, a_cs = trans_a ? lda : 1;
+  for (int64_t j = 0; j < n; j += NR) {
+    const int64_t nc = std::min(NR, n - j);
+    int64_t i = 0;
+    for (; i + MR <= m; i += MR) {
+      micro_kernel<T, MR>(a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, k, nc, alpha, beta);
+    }
+    const T* ai = a + i * a_rs;
+    T* ci = c + i * ldc + j;
+    switch (m - i) {
+      case 5: micro_kernel<T, 5>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+      case 4: micro_kernel<T, 4>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+      case 3: micro_kernel<T, 3>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+      case 2: micro_kernel<T, 2>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+      case 1: micro_kernel<T, 1>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+      default: break;
+    }
+  }
+}
+
+inline void blas_call(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda,
+                      const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_call(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a, int lda,
+                      const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+template <typename T>
+bool blas_linked() {
+  if constexpr (std::is_same_v<T, float>) {
+    return sgemm_ != nullptr;
+  } else {
+    return dgemm_ != nullptr;
+  }
+}
+
+// Whether the BLAS is there and computes what the row-major wrapper expects (a
+// small product of every transpose form against the at::vec kernel, once per
+// process): a BLAS with another integer width or calling convention is not used.
+template <typename T>
+bool blas_usable() {
+  static const bool ok = [] {
+    if (!blas_linked<T>()) return false;
+    constexpr int64_t m = 5, n = 3, k = 4;
+    T a[m * k], b[k * n], c1[m * n], c2[m * n];
+    std::vector<T> pack;
+    for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<T>((i * 7) % 11) - T(5);
+    for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<T>((i * 5) % 13) - T(6);
+    for (const bool ta : {false, true}) {
+      for (const bool tb : {false, true}) {
+        const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+        for (int64_t i = 0; i < m * n; ++i) c1[i] = c2[i] = T(1);
+        blas_call(tb ? "T" : "N", ta ? "T" : "N", static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                  T(2), b, static_cast<int>(ldb), a, static_cast<int>(lda), T(1), c1, static_cast<int>(n));
+        gemm_vec<T>(ta, tb, m, n, k, T(2), a, lda, b, ldb, T(1), c2, n, pack);
+        for (int64_t i = 0; i < m * n; ++i) {
+          if (c1[i] != c2[i]) return false;  // small integers: exact in both
+        }
+      }
+    }
+    return true;
+  }();
+  return ok;
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc, std::vector<T>& pack) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    }
+    return;
+  }
+  if (config().blas && blas_usable<T>()) {
+    // Column-major BLAS sees each row-major matrix transposed: Cᵀ = op(B)ᵀ op(A)ᵀ.
+    blas_call(trans_b ? "T" : "N", trans_a ? "T" : "N", static_cast<int>(n), static_cast<int>(m),
+              static_cast<int>(k), alpha, b, static_cast<int>(ldb), a, static_cast<int>(lda), beta, c,
+              static_cast<int>(ldc));
+  } else {
+    gemm_vec<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, pack);
+  }
+}
+
+// ---------------------------------------------------------------- row helpers
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// x[j] = exp(x[j] - sub); returns the sum. Tail lanes are computed as -inf -> 0.
+template <typename T>
+inline T exp_sub_sum(T* x, int64_t n, T sub) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vs(sub), vninf(neg_inf<T>());
+  Vec<T> acc(T(0));
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const Vec<T> e = vexp(Vec<T>::loadu(x + j) - vs);
+    e.store(x + j);
+    acc = acc + e;
+  }
+  if (j < n) {
+    const Vec<T> e = vexp(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j) - vs);
+    e.store(x + j, n - j);
+    acc = acc + e;
+  }
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+}
+
+// x[j] = exp(x[j] - sub), no sum.
+template <typename T>
+inline void exp_sub(T* x, int64_t n, T sub) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vs(sub), vninf(neg_inf<T>());
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vexp(Vec<T>::loadu(x + j) - vs).store(x + j);
+  if (j < n) vexp(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j) - vs).store(x + j, n - j);
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T s) {
+  at::vec::map<T>([s](Vec<T> v) { return v * Vec<T>(s); }, x, x, n);
+}
+
+template <typename T>
+inline void mul_rows(T* x, const T* y, int64_t n) {
+  at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a * b; }, x, x, y, n);
+}
+
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t n) {
+  return at::vec::map2_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a * b; },
+                                     [](Vec<T> a, Vec<T> b) { return a + b; }, x, y, n);
+}
+
+// A (rows x D) tile of a (B, H, S, D) tensor as acc_t rows: the input itself when
+// no widening is needed (row stride `ld`), else widened into `buf` (row stride D).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_rows(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t d, acc_t* buf,
+                              int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    ld = src_rs;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) load_widen(src + r * src_rs, buf + r * d, static_cast<int>(d));
+    ld = d;
+    return buf;
+  }
+}
+
+// ---------------------------------------------------------------- problem description
+
+enum PadStatus : uint8_t { kNoPadding = 0, kSomePadding = 1, kAllPadding = 2 };
+
+struct Problem {
+  const AttentionParams& p;
+  int64_t B, H, Hkv, G, Sq, Sk, D;
+  int64_t bq, bk, n_q_tiles, n_k_tiles;
+  std::vector<int64_t> kv_end;      // per batch: keys >= kv_end[b] are known hidden
+  std::vector<uint8_t> pad_status;  // per (batch, key tile)
+  uint32_t threshold = 0;
+  uint64_t seed = 0, counter_lo = 0;
+  bool dropout = false;
+
+  Problem(const AttentionParams& params, int64_t block_q, int64_t block_k) : p(params) {
+    B = p.batch;
+    H = p.heads;
+    Hkv = p.kv_heads;
+    G = H / Hkv;
+    Sq = p.q_len;
+    Sk = p.kv_len;
+    D = p.head_dim;
+    bq = block_q;
+    bk = block_k;
+    n_q_tiles = (Sq + bq - 1) / bq;
+    n_k_tiles = (Sk + bk - 1) / bk;
+    kv_end.assign(static_cast<size_t>(B), Sk);
+    pad_status.assign(static_cast<size_t>(B * n_k_tiles), kNoPadding);
+    for (int64_t b = 0; b < B; ++b) {
+      if (p.key_len != nullptr) kv_end[b] = std::min<int64_t>(Sk, std::max<int32_t>(0, p.key_len[b]));
+      if (p.key_padding == nullptr) continue;
+      const uint8_t* row = p.key_padding + b * Sk;
+      for (int64_t t = 0; t < n_k_tiles; ++t) {
+        const int64_t k0 = t * bk, k1 = std::min(Sk, k0 + bk);
+        int64_t padded = 0;
+        for (int64_t j = k0; j < k1; ++j) padded += row[j] != 0;
+        pad_status[b * n_k_tiles + t] = padded == 0 ? kNoPadding : (padded == k1 - k0 ? kAllPadding : kSomePadding);
+      }
+    }
+    dropout = p.dropout_p > 0.0f;
+    if (dropout) {
+      threshold = p.dropout_threshold;
+      unpack_philox(p.philox, seed, counter_lo);
+    }
+  }
+
+  // Keys [0, end) a query tile starting at q0 with mq rows may see.
+  int64_t key_end(int64_t b, int64_t q0, int64_t mq) const {
+    int64_t end = kv_end[b];
+    if (p.is_causal) end = std::min(end, q0 + mq);
+    return std::max<int64_t>(end, 0);
+  }
+  // Keys [0, limit) that some query of batch b may see.
+  int64_t key_limit(int64_t b) const { return p.is_causal ? std::min(kv_end[b], Sq) : kv_end[b]; }
+  uint8_t status(int64_t b, int64_t kt) const { return pad_status[b * n_k_tiles + kt]; }
+};
+
+// Scores tile s (mq x nk, row stride lds) of batch b, head h, queries q0.., keys
+// k0..: adds the additive mask, and sets hidden scores to -inf (bool mask, key
+// padding, causal).
+template <typename T>
+void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0,
+                 int64_t nk, uint8_t pad) {
+  const AttentionParams& p = pr.p;
+  const T ninf = neg_inf<T>();
+  if (p.mask_kind != MaskKind::kNone) {
+    const int64_t cs = p.mask_col_stride;
+    for (int64_t r = 0; r < mq; ++r) {
+      T* srow = s + r * lds;
+      const int64_t off = b * p.mask_batch_stride + h * p.mask_head_stride + (q0 + r) * p.mask_row_stride + k0 * cs;
+      if (p.mask_kind == MaskKind::kAdditive) {
+        const float* m = static_cast<const float*>(p.mask) + off;
+        if (cs == 1) {
+          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j]);
+        } else {
+          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j * cs]);
+        }
+      } else {
+        const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+        for (int64_t j = 0; j < nk; ++j) srow[j] = m[j * cs] ? srow[j] : ninf;
+      }
+    }
+  }
+  if (pad == kSomePadding) {
+    const uint8_t* kp = p.key_padding + b * pr.Sk + k0;
+    for (int64_t j = 0; j < nk; ++j) {
+      if (kp[j]) {
+        for (int64_t r = 0; r < mq; ++r) s[r * lds + j] = ninf;
+      }
+    }
+  }
+  if (p.is_causal && k0 + nk - 1 > q0) {  // the tile crosses the diagonal
+    for (int64_t r = 0; r < mq; ++r) {
+      const int64_t first_hidden = std::max<int64_t>(q0 + r + 1 - k0, 0);
+      T* srow = s + r * lds;
+      for (int64_t j = first_hidden; j < nk; ++j) srow[j] = ninf;
+    }
+  }
+}
+
+// z (mq x nk, row stride ldz) = 1 / (1 - p) where the dropout stream keeps the
+// element (first row `row0` in the global (b, h, i) row numbering, keys k0..), else 0.
+template <typename T>
+void dropout_tile(const Problem& pr, int64_t row0, int64_t mq, int64_t k0, int64_t nk, T* z, int64_t ldz) {
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(pr.p.dropout_p_f64));
+  alignas(64) uint32_t bits[4][kPhiloxLanes];
+  for (int64_t r = 0; r < mq; ++r) {
+    T* zr = z + r * ldz;
+    for (int64_t j0 = 0; j0 < nk; j0 += 4 * kPhiloxLanes) {
+      philox_blocks_cpu(pr.seed, pr.counter_lo, attention_dropout_group(row0 + r, pr.Sk, k0 + j0), bits);
+      const int64_t n = std::min<int64_t>(4 * kPhiloxLanes, nk - j0);
+      for (int64_t j = 0; j < n; ++j) {
+        zr[j0 + j] = attention_dropout_keep(bits[j & 3][j >> 2], pr.threshold) ? keep_scale : T(0);
+      }
+    }
+  }
+}
+
+// Runs f(task, workspace) for every task in `order`, handed out dynamically to
+// the at::parallel_for threads; each thread builds one Workspace. Small problems
+// (`flops` in total) run on the calling thread: waking the pool costs more.
+constexpr double kFlopsPerThread = 4e6;
+
+template <typename Workspace, typename F>
+void run_tasks(const std::vector<int64_t>& order, double flops, F&& f) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    Workspace ws;
+    for (;;) {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= n) break;
+      f(order[t], ws);
+    }
+  };
+  const int64_t by_size = static_cast<int64_t>(flops / kFlopsPerThread) + 1;
+  const int64_t threads = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, by_size});
+  if (threads <= 1 || at::in_parallel_region()) {
+    worker(0, 1);
+  } else {
+    at::parallel_for(0, threads, 1, worker);
+  }
+}
+
+// Grain (rows) for a parallel pass over rows of `row_cost` flops each.
+inline int64_t row_grain(int64_t row_cost) {
+  return std::max<int64_t>(1, static_cast<int64_t>(kFlopsPerThread) / std::max<int64_t>(1, row_cost));
+}
+
+// Task order: most expensive first (longest-processing-time scheduling), ties by index.
+inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename acc_t>
+struct FwdWorkspace {
+  std::vector<acc_t> q, k, v, s, z, acc, lse, pack;
+  std::vector<SoftmaxRow<acc_t>> rows;
+};
+
+// One query tile: online softmax over its visible key tiles. With out == nullptr
+// only the log-sum-exp is computed (float64 backward), into lse_out.
+template <typename scalar_t, typename acc_t>
+void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorkspace<acc_t>& ws, scalar_t* out,
+                  acc_t* lse_out) {
+  const AttentionParams& p = pr.p;
+  const int64_t D = pr.D, bk = pr.bk;
+  const int64_t q0 = qt * pr.bq, mq = std::min(pr.bq, pr.Sq - q0);
+  const int64_t hk = h / pr.G;
+  const int64_t end = pr.key_end(b, q0, mq);
+  const bool with_out = out != nullptr;
+  ws.rows.assign(static_cast<size_t>(mq), SoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)});
+  if (with_out) ws.acc.assign(static_cast<size_t>(mq * D), acc_t(0));
+  ws.s.resize(static_cast<size_t>(pr.bq * bk));
+  if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(pr.bq * bk));
+  if (!std::is_same_v<scalar_t, acc_t>) {
+    ws.q.resize(static_cast<size_t>(pr.bq * D));
+    ws.k.resize(static_cast<size_t>(bk * D));
+    ws.v.resize(static_cast<size_t>(bk * D));
+  }
+  const auto* qsrc = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                     q0 * p.q_row_stride;
+  int64_t ldq = 0;
+  const acc_t* qt_ptr = load_rows(qsrc, p.q_row_stride, mq, D, ws.q.data(), ldq);
+  const acc_t scale = static_cast<acc_t>(p.scale_f64);
+  acc_t* s = ws.s.data();
+  const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
+
+  for (int64_t kt = 0; kt * bk < end; ++kt) {
+    const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
+    if (pad == kAllPadding) continue;
+    const int64_t k0 = kt * bk, nk = std::min(bk, end - k0);
+    const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                       k0 * p.k_row_stride;
+    int64_t ldk = 0;
+    const acc_t* kptr = load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk);
+    gemm<acc_t>(false, true, mq, nk, D, scale, qt_ptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+    apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
+    bool any_visible = false;
+    for (int64_t r = 0; r < mq; ++r) {
+      acc_t* srow = s + r * bk;
+      SoftmaxRow<acc_t>& st = ws.rows[r];
+      const acc_t factor = online_softmax_rescale(st, row_max(srow, nk));
+      if (st.max == neg_inf<acc_t>()) {  // nothing visible in this row yet
+        std::fill(srow, srow + nk, acc_t(0));
+        continue;
+      }
+      any_visible = true;
+      if (with_out && factor != acc_t(1)) scale_row(ws.acc.data() + r * D, D, factor);
+      st.sum += exp_sub_sum(srow, nk, st.max);
+    }
+    if (!with_out || !any_visible) continue;
+    if (pr.dropout) {
+      dropout_tile(pr, row0, mq, k0, nk, ws.z.data(), bk);
+      for (int64_t r = 0; r < mq; ++r) mul_rows(s + r * bk, ws.z.data() + r * bk, nk);
+    }
+    const auto* vsrc = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                       k0 * p.v_row_stride;
+    int64_t ldv = 0;
+    const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
+    gemm<acc_t>(false, false, mq, D, nk, acc_t(1), s, bk, vptr, ldv, acc_t(1), ws.acc.data(), D, ws.pack);
+  }
+
+  for (int64_t r = 0; r < mq; ++r) {
+    const SoftmaxRow<acc_t>& st = ws.rows[r];
+    lse_out[r] = softmax_lse(st);
+    if (with_out) {
+      acc_t* a = ws.acc.data() + r * D;
+      scale_row(a, D, softmax_out_scale(st));
+      store_narrow(a, out + r * D, static_cast<int>(D));
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const AttentionParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  const Problem pr(p, config().fwd_block_q, config().fwd_block_k);
+  std::vector<int64_t> cost(static_cast<size_t>(pr.B * pr.H * pr.n_q_tiles));
+  for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
+    const int64_t b = t / (pr.H * pr.n_q_tiles), qt = t % pr.n_q_tiles;
+    const int64_t q0 = qt * pr.bq;
+    cost[t] = 1 + pr.key_end(b, q0, std::min(pr.bq, pr.Sq - q0));
+  }
+  auto* out = static_cast<scalar_t*>(p.out);
+  double flops = 0;
+  for (const int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(pr.bq * pr.D);
+  run_tasks<FwdWorkspace<acc_t>>(by_cost(cost), flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
+    const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
+    const int64_t b = bh / pr.H, h = bh % pr.H;
+    const int64_t q0 = qt * pr.bq, mq = std::min(pr.bq, pr.Sq - q0);
+    ws.lse.resize(static_cast<size_t>(mq));
+    forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data());
+    for (int64_t r = 0; r < mq; ++r) p.lse[bh * pr.Sq + q0 + r] = static_cast<float>(ws.lse[r]);
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename acc_t>
+struct BwdWorkspace {
+  std::vector<acc_t> q, k, v, dout, s, dp, z, dk, dv, pack;
+};
+
+template <typename scalar_t>
+void backward_impl(const AttentionBackwardParams& bp) {
+  using acc_t = acc_type_t<scalar_t>;
+  const AttentionParams& p = bp.fwd;
+  const Problem pr(p, config().bwd_block_q, config().bwd_block_k);
+  const int64_t B = pr.B, H = pr.H, Hkv = pr.Hkv, G = pr.G, Sq = pr.Sq, Sk = pr.Sk, D = pr.D, bq = pr.bq,
+                bk = pr.bk;
+  const auto* dout_base = static_cast<const scalar_t*>(bp.dout);
+  const auto* out_base = static_cast<const scalar_t*>(p.out);
+  const acc_t scale = static_cast<acc_t>(p.scale_f64);
+
+  // Row statistics: delta = rowsum(dout * out) and the lse, in acc_t. float32
+  // math keeps them in the float32 buffers of the params; float64 keeps its own
+  // float64 copies (the lse is recomputed, the saved one is only float32).
+  constexpr bool exact = std::is_same_v<acc_t, double>;
+  std::vector<acc_t> lse64, delta64;
+  acc_t* lse_acc = nullptr;
+  acc_t* delta_acc = nullptr;
+  if constexpr (exact) {
+    lse64.resize(static_cast<size_t>(B * H * Sq));
+    delta64.resize(static_cast<size_t>(B * H * Sq));
+    lse_acc = lse64.data();
+    delta_acc = delta64.data();
+  } else {
+    lse_acc = p.lse;
+    delta_acc = bp.delta;
+  }
+  at::parallel_for(0, B * H, row_grain(2 * Sq * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x(static_cast<size_t>(D)), y(static_cast<size_t>(D));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t i = 0; i < Sq; ++i) {
+        const scalar_t* g = dout_base + b * bp.dout_batch_stride + h * bp.dout_head_stride + i * bp.dout_row_stride;
+        const scalar_t* o = out_base + (bh * Sq + i) * D;
+        load_widen(g, x.data(), static_cast<int>(D));
+        load_widen(o, y.data(), static_cast<int>(D));
+        delta_acc[bh * Sq + i] = dot(x.data(), y.data(), D);
+      }
+    }
+  });
+  if constexpr (exact) {
+    const std::vector<int64_t> order = by_cost(std::vector<int64_t>(static_cast<size_t>(B * H * pr.n_q_tiles), 1));
+    const double flops = 2.0 * static_cast<double>(B * H) * Sq * Sk * D;
+    run_tasks<FwdWorkspace<acc_t>>(order, flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
+      const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
+      forward_tile<scalar_t, acc_t>(pr, bh / H, bh % H, qt, ws, nullptr, lse_acc + bh * Sq + qt * bq);
+    });
+  }
+
+  // Key-tile ranges per (b, kv head): enough tasks to keep every thread busy.
+  // (The chunking, hence dq's summation order, depends on the thread count: results
+  // are bit-identical run to run for a given number of threads.)
+  const int64_t threads = at::get_num_threads();
+  const int64_t pairs = std::max<int64_t>(1, B * Hkv);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(pr.n_k_tiles, (2 * threads + pairs - 1) / pairs));
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, (pr.n_k_tiles + n_chunks - 1) / n_chunks);
+
+  // dq accumulates in acc_t: in dq itself for float32/float64 with one chunk,
+  // else in per-chunk buffers summed in chunk order afterwards (deterministic).
+  auto* dq = static_cast<scalar_t*>(bp.dq);
+  auto* dk = static_cast<scalar_t*>(bp.dk);
+  auto* dv = static_cast<scalar_t*>(bp.dv);
+  const bool direct_dq = std::is_same_v<scalar_t, acc_t> && n_chunks == 1;
+  const int64_t dq_numel = B * H * Sq * D;
+  std::unique_ptr<acc_t[]> dq_ws;
+  if (!direct_dq) dq_ws.reset(new acc_t[static_cast<size_t>(n_chunks * dq_numel)]());
+
+  std::vector<int64_t> cost(static_cast<size_t>(B * Hkv * n_chunks));
+  for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
+    const int64_t c = t % n_chunks, b = t / (Hkv * n_chunks);
+    int64_t work = 1;
+    for (int64_t kt = c * tiles_per_chunk; kt < std::min(pr.n_k_tiles, (c + 1) * tiles_per_chunk); ++kt) {
+      if (kt * bk >= pr.key_limit(b)) break;
+      work += p.is_causal ? std::max<int64_t>(0, Sq - kt * bk) : Sq;
+    }
+    cost[t] = work;
+  }
+
+  double flops = 0;
+  for (const int64_t c : cost) flops += 10.0 * static_cast<double>(c) * static_cast<double>(bk * D * G);
+  run_tasks<BwdWorkspace<acc_t>>(by_cost(cost), flops, [&](int64_t t, BwdWorkspace<acc_t>& ws) {
+    const int64_t c = t % n_chunks, bk_head = t / n_chunks;
+    const int64_t b = bk_head / Hkv, hk = bk_head % Hkv;
+    const int64_t kt_begin = c * tiles_per_chunk, kt_end = std::min(pr.n_k_tiles, (c + 1) * tiles_per_chunk);
+    acc_t* dq_acc = direct_dq ? reinterpret_cast<acc_t*>(dq) : dq_ws.get() + c * dq_numel;
+    if (direct_dq) {  // this task owns dq of heads hk * G .. hk * G + G - 1 of batch b
+      std::fill(dq_acc + (b * H + hk * G) * Sq * D, dq_acc + (b * H + hk * G + G) * Sq * D, acc_t(0));
+    }
+    ws.s.resize(static_cast<size_t>(bq * bk));
+    ws.dp.resize(static_cast<size_t>(bq * bk));
+    ws.dk.resize(static_cast<size_t>(bk * D));
+    ws.dv.resize(static_cast<size_t>(bk * D));
+    if (pr.dropout) ws.z.resize(static_cast<size_t>(bq * bk));
+    if (!std::is_same_v<scalar_t, acc_t>) {
+      ws.q.resize(static_cast<size_t>(bq * D));
+      ws.dout.resize(static_cast<size_t>(bq * D));
+      ws.k.resize(static_cast<size_t>(bk * D));
+      ws.v.resize(static_cast<size_t>(bk * D));
+    }
+    acc_t* s = ws.s.data();
+    acc_t* dpb = ws.dp.data();
+
+    for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
+      const int64_t k0 = kt * bk;
+      const int64_t k_rows = std::min(bk, Sk - k0);  // rows of dk/dv this tile owns
+      scalar_t* dk_out = dk + ((b * Hkv + hk) * Sk + k0) * D;
+      scalar_t* dv_out = dv + ((b * Hkv + hk) * Sk + k0) * D;
+      const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
+      const int64_t nk = std::min(k_rows, pr.key_limit(b) - k0);  // keys that may be visible
+      if (nk <= 0 || pad == kAllPadding) {
+        std::fill(dk_out, dk_out + k_rows * D, scalar_t(0));
+        std::fill(dv_out, dv_out + k_rows * D, scalar_t(0));
+        continue;
+      }
+      const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                         k0 * p.k_row_stride;
+      const auto* vsrc = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                         k0 * p.v_row_stride;
+      int64_t ldk = 0, ldv = 0;
+      const acc_t* kptr = load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk);
+      const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
+      std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
+      std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
+      // Queries before k0 see none of these keys under the causal mask.
+      const int64_t qt_first = p.is_causal ? (k0 >= Sq ? pr.n_q_tiles : k0 / bq) : 0;
+
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = hk * G + hh, bh = b * H + h;
+        for (int64_t qt = qt_first; qt < pr.n_q_tiles; ++qt) {
+          const int64_t q0 = qt * bq, mq = std::min(bq, Sq - q0);
+          const auto* qsrc = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                             q0 * p.q_row_stride;
+          const scalar_t* gsrc = dout_base + b * bp.dout_batch_stride + h * bp.dout_head_stride +
+                                 q0 * bp.dout_row_stride;
+          int64_t ldq = 0, ldg = 0;
+          const acc_t* qptr = load_rows(qsrc, p.q_row_stride, mq, D, ws.q.data(), ldq);
+          const acc_t* gptr = load_rows(gsrc, bp.dout_row_stride, mq, D, ws.dout.data(), ldg);
+          const acc_t* lse = lse_acc + bh * Sq + q0;
+          const acc_t* delta = delta_acc + bh * Sq + q0;
+
+          // P = exp(scale q kᵀ + mask - lse)
+          gemm<acc_t>(false, true, mq, nk, D, scale, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+          apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
+          for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r]);
+          // dP = dout vᵀ
+          gemm<acc_t>(false, true, mq, nk, D, acc_t(1), gptr, ldg, vptr, ldv, acc_t(0), dpb, bk, ws.pack);
+          if (pr.dropout) {
+            acc_t* z = ws.z.data();
+            dropout_tile(pr, bh * Sq + q0, mq, k0, nk, z, bk);
+            for (int64_t r = 0; r < mq; ++r) {
+              mul_rows(dpb + r * bk, z + r * bk, nk);  // d(dropped P) -> dP
+              mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
+            }
+            // dv += dropped Pᵀ dout
+            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), z, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+          } else {
+            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), s, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+          }
+          // dS = P * (dP - delta), in place of dP
+          for (int64_t r = 0; r < mq; ++r) {
+            const Vec<acc_t> vd(delta[r]);
+            at::vec::map2<acc_t>([vd](Vec<acc_t> pv, Vec<acc_t> dpv) { return pv * (dpv - vd); }, dpb + r * bk,
+                                 s + r * bk, dpb + r * bk, nk);
+          }
+          // dk += scale dSᵀ q; dq += scale dS k
+          gemm<acc_t>(true, false, nk, D, mq, scale, dpb, bk, qptr, ldq, acc_t(1), ws.dk.data(), D, ws.pack);
+          gemm<acc_t>(false, false, mq, D, nk, scale, dpb, bk, kptr, ldk, acc_t(1), dq_acc + (bh * Sq + q0) * D, D,
+                      ws.pack);
+        }
+      }
+      for (int64_t r = 0; r < nk; ++r) {
+        store_narrow(ws.dk.data() + r * D, dk_out + r * D, static_cast<int>(D));
+        store_narrow(ws.dv.data() + r * D, dv_out + r * D, static_cast<int>(D));
+      }
+      std::fill(dk_out + nk * D, dk_out + k_rows * D, scalar_t(0));
+      std::fill(dv_out + nk * D, dv_out + k_rows * D, scalar_t(0));
+    }
+  });
+
+  if (!direct_dq) {  // dq = sum over chunks, in chunk order
+    at::parallel_for(0, B * H * Sq, row_grain(n_chunks * D), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(static_cast<size_t>(D));
+      for (int64_t i = begin; i < end; ++i) {
+        std::copy(dq_ws.get() + i * D, dq_ws.get() + (i + 1) * D, row.begin());
+        for (int64_t c = 1; c < n_chunks; ++c) {
+          const acc_t* src = dq_ws.get() + c * dq_numel + i * D;
+          for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+        }
+        store_narrow(row.data(), dq + i * D, static_cast<int>(D));
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void attention_forward_cpu(const AttentionParams& p) {
+  dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p); });
+}
+
+void attention_backward_cpu(const AttentionBackwardParams& p) {
+  dispatch_dtype(p.fwd.dtype, [&](auto tag) { backward_impl<decltype(tag)>(p); });
+}
+
+}  // namespace vae_ext

@@ -1,0 +1,8 @@
+// masked_attention forward, tensor-core kernels for head dim 96 (bfloat16, float16).
+// One file per head dim so the instantiations compile in parallel.
+#include "attention/attention_cuda.cuh"
+
+namespace vae_ext::attn {
+template void run_fwd_tc<__nv_bfloat16, 96>(const AttentionParams&, cudaStream_t);
+template void run_fwd_tc<__half, 96>(const AttentionParams&, cudaStream_t);
+}  // namespace vae_ext::attn

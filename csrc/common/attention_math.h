@@ -1,0 +1,86 @@
+// Per-element math of masked_attention shared by the CPU and CUDA kernels: the
+// dropout stream and predicate, the online-softmax update, the row finalisation
+// (out scale and log-sum-exp, +inf for a row that sees no key) and the backward's
+// probability recomputation. See csrc/attention/attention.h for the contract.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/macros.h"
+#include "common/math.h"
+
+namespace vae_ext {
+
+// ---------------------------------------------------------------- dropout
+
+// ceil(dropout_p * 2^24): an element is kept iff its 24 random bits are >= this.
+// Computed on the host from the double the op received (exact: 2^24 * p is exact in double).
+inline uint32_t attention_dropout_threshold(double dropout_p) {
+  return static_cast<uint32_t>(std::ceil(dropout_p * 16777216.0));
+}
+
+// Philox counter_hi of the block holding element (row, col): one block of four
+// 32-bit words per four consecutive keys, row = (b * H + h) * Sq + i.
+VAE_HD uint64_t attention_dropout_group(int64_t row, int64_t kv_len, int64_t col) {
+  return static_cast<uint64_t>(row) * static_cast<uint64_t>((kv_len + 3) / 4) + static_cast<uint64_t>(col / 4);
+}
+
+// Whether the Philox word of an element keeps it.
+VAE_HD bool attention_dropout_keep(uint32_t word, uint32_t threshold) { return (word >> 8) >= threshold; }
+
+// ---------------------------------------------------------------- online softmax
+
+// Running state of one query row: the largest score seen so far (-inf before
+// any visible key) and the sum of exp(score - max) over the keys seen.
+template <typename acc_t>
+struct SoftmaxRow {
+  acc_t max;
+  acc_t sum;
+};
+
+// Folds a tile whose largest score is tile_max into the running row state and
+// returns the factor by which the row's previous sum and output accumulator must
+// be multiplied; state.max becomes the new reference for exp(score - max). A row
+// that has still seen no key keeps max = -inf and gets the factor 1 (nothing to
+// rescale): callers must then treat every probability of the tile as 0.
+template <typename acc_t>
+VAE_HD acc_t online_softmax_rescale(SoftmaxRow<acc_t>& state, acc_t tile_max) {
+  const acc_t new_max = tile_max > state.max ? tile_max : state.max;
+  if (new_max == -std::numeric_limits<acc_t>::infinity()) return acc_t(1);
+  const acc_t factor = exp_(state.max - new_max);  // exp(-inf) = 0 for the first visible tile
+  state.max = new_max;
+  state.sum *= factor;
+  return factor;
+}
+
+// After the last tile: the factor that turns the output accumulator into the
+// output (1 / sum, or 0 for a row that saw no key) ...
+template <typename acc_t>
+VAE_HD acc_t softmax_out_scale(const SoftmaxRow<acc_t>& state) {
+  return state.sum > acc_t(0) ? acc_t(1) / state.sum : acc_t(0);
+}
+
+// ... and the row's natural log-sum-exp, +inf for a row that saw no key, so that
+// exp(score - lse) is 0 for every key of such a row in the backward.
+template <typename acc_t>
+VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
+  return state.sum > acc_t(0) ? state.max + log_(state.sum) : std::numeric_limits<acc_t>::infinity();
+}
+
+// The backward's probability of a (scaled, masked) score: exp(score - lse), 0 for a
+// masked score (-inf) and for every score of an empty row (lse = +inf). (The CPU
+// kernel evaluates this and softmax_grad below on whole rows with at::vec.)
+template <typename acc_t>
+VAE_HD acc_t softmax_prob_from_lse(acc_t score, acc_t lse) {
+  return exp_(score - lse);
+}
+
+// dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element.
+template <typename acc_t>
+VAE_HD acc_t softmax_grad(acc_t prob, acc_t dprob, acc_t delta) {
+  return prob * (dprob - delta);
+}
+
+}  // namespace vae_ext

@@ -1,0 +1,570 @@
+"""masked_attention: parity with F.scaled_dot_product_attention (float64, the outside
+oracle) and with the reference, forward and gradients, every mask kind and their
+combinations, GQA, Sq != Sk, empty rows, dropout (the kernels' exact stream, its
+expectation, reproducibility), gradcheck, opcheck, torch.compile and bad input."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae_ext
+from conftest import DEVICES, TOL, assert_close, requires_cuda, requires_ext
+from vae_ext import reference
+
+pytestmark = requires_ext
+
+MASKS = ["none", "causal", "padding", "bool", "float", "causal+padding", "bool+padding", "float+causal",
+         "causal+padding+bool"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def _make(b, h, hkv, sq, sk, d, dtype, device, seed=0, masks="none", layout="contiguous"):
+    """Random q, k, v and the masks named in `masks` ('+'-separated)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    kinds = set(masks.split("+"))
+    kpm = attn_mask = None
+    if "padding" in kinds:
+        lengths = torch.randint(1, sk + 1, (b,), generator=g)
+        kpm = torch.arange(sk)[None, :] >= lengths[:, None]
+        if sk > 3:
+            kpm[0, sk // 3] = True  # padding in the middle too
+    if "bool" in kinds:
+        attn_mask = torch.rand(b, 1, sq, sk, generator=g) > 0.25
+    if "float" in kinds:
+        # float32-exact values: the kernels apply an additive mask in float32
+        attn_mask = torch.randn(h, sq, sk, generator=g).float().double()
+    if layout == "bshd":  # (B, S, H, D) storage viewed as (B, H, S, D)
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+
+    def to(t):
+        if t is None:
+            return None
+        if t.dtype == torch.bool:
+            return t.to(device)
+        return t.to(device=device, dtype=dtype)
+
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return q, k, v, to(attn_mask), None if kpm is None else kpm.to(device), "causal" in kinds
+
+
+def _sdpa_oracle(q, k, v, attn_mask, kpm, is_causal, scale=None, grad=None):
+    """Float64 F.scaled_dot_product_attention with the masks combined into one and
+    empty rows defined as zeros (SDPA gives NaN there): out and (dq, dk, dv)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    allowed = torch.ones(b, h, sq, sk, dtype=torch.bool, device=q.device)
+    additive = torch.zeros(b, h, sq, sk, dtype=torch.float64, device=q.device)
+    if is_causal:
+        allowed &= torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+    if kpm is not None:
+        allowed &= ~kpm[:, None, None, :]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed &= attn_mask
+        else:
+            additive = additive + attn_mask.double()
+    rows = allowed.any(-1, keepdim=True)
+    mask = additive.masked_fill(~allowed, float("-inf"))
+    mask = torch.where(rows, mask, torch.zeros_like(mask))  # empty rows: any finite row, zeroed below
+    ke = k.repeat_interleave(h // k.shape[1], dim=1)
+    ve = v.repeat_interleave(h // k.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask, scale=scale)
+    out = torch.where(rows, out, torch.zeros_like(out))
+    grads = None
+    if grad is not None:
+        grads = torch.autograd.grad(out, (q, k, v), grad.double())
+    return out, grads
+
+
+def _run(fn, q, k, v, grad, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    return out, grads
+
+
+def _as_double(mask):
+    """A mask for the float64 reference: bool stays bool, a float mask becomes float64."""
+    return mask if mask is None or mask.dtype == torch.bool else mask.double()
+
+
+def _grad_scale(dtype):
+    return 1.0 if dtype == torch.float64 else 4.0
+
+
+# ---------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("d", [8, 24, 64, 80, 128])
+def test_matches_sdpa_and_reference_float64(device, masks, d):
+    sq, sk = (37, 53) if d in (8, 80) else (130, 77)
+    q, k, v, am, kpm, causal = _make(2, 4, 2, sq, sk, d, torch.float64, device, seed=d, masks=masks)
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device)
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, attn_mask=am, key_padding_mask=kpm, is_causal=causal)
+    ref_out, ref_grads = _sdpa_oracle(q, k, v, am, kpm, causal, grad=grad)
+    assert out.shape == q.shape and out.dtype == torch.float64
+    assert_close(out, ref_out, torch.float64)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, torch.float64)
+    r_out, r_grads = _run(reference.masked_attention, q, k, v, grad, attn_mask=am, key_padding_mask=kpm,
+                          is_causal=causal)
+    assert_close(out, r_out, torch.float64)
+    for a, e in zip(grads, r_grads):
+        assert_close(a, e, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masks", ["none", "causal+padding", "float+causal", "bool+padding"])
+def test_low_precision_matches_float64_oracle(device, dtype, masks):
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 150, 203, 64, dtype, device, seed=3, masks=masks)
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device).to(dtype)
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, attn_mask=am, key_padding_mask=kpm, is_causal=causal)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    ref_out, ref_grads = _sdpa_oracle(q, k, v, am, kpm, causal, grad=grad)
+    assert_close(out, ref_out, dtype)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, dtype, scale=_grad_scale(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [
+    # (B, H, Hkv, Sq, Sk, D): GQA, MQA, Sq != Sk both ways, single rows and keys, tile-crossing sizes
+    (1, 8, 2, 67, 190, 24),
+    (2, 6, 1, 190, 67, 32),
+    (3, 2, 2, 1, 300, 16),
+    (2, 3, 3, 257, 1, 8),
+    (1, 1, 1, 333, 333, 48),
+    (2, 4, 4, 129, 129, 1),
+    (1, 2, 1, 65, 70, 256),
+])
+@pytest.mark.parametrize("masks", ["none", "causal", "causal+padding", "float+causal"])
+def test_shapes_gqa_and_lengths(device, shape, masks):
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, torch.float32, device, seed=sum(shape), masks=masks)
+    grad = torch.randn(q.shape, device=device)
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, attn_mask=am, key_padding_mask=kpm, is_causal=causal)
+    ref_out, ref_grads = _sdpa_oracle(q, k, v, am, kpm, causal, grad=grad)
+    assert out.shape == (b, h, sq, d)
+    assert grads[1].shape == k.shape and grads[2].shape == v.shape
+    assert_close(out, ref_out, torch.float32)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, torch.float32, scale=_grad_scale(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_and_non_contiguous_layouts(device, dtype):
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 70, 90, 40, dtype, device, seed=5, masks="causal+padding",
+                                     layout="bshd")
+    assert not q.is_contiguous()
+    grad = torch.randn(2, 70, 4, 40, dtype=dtype, device=device).transpose(1, 2)  # a non-contiguous grad too
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, key_padding_mask=kpm, is_causal=causal, scale=0.37)
+    ref_out, ref_grads = _sdpa_oracle(q, k, v, None, kpm, causal, scale=0.37, grad=grad)
+    assert_close(out, ref_out, dtype)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, dtype, scale=_grad_scale(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_broadcast_mask_forms(device):
+    """attn_mask of every broadcastable rank: (Sk,), (Sq, Sk), (1, Sq, Sk), (B, 1, 1, Sk), (B, H, Sq, Sk)."""
+    b, h, sq, sk, d = 2, 3, 20, 33, 16
+    q, k, v, _, _, _ = _make(b, h, h, sq, sk, d, torch.float64, device, seed=9)
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(sk,), (sq, sk), (1, sq, sk), (b, 1, 1, sk), (b, h, sq, sk), (h, 1, sk)]:
+        for kind in ("bool", "float"):
+            if kind == "bool":
+                m = (torch.rand(shape, generator=g) > 0.3).to(device)
+            else:
+                m = torch.randn(shape, generator=g).float().double().to(device)
+            out, grads = _run(vae_ext.masked_attention, q, k, v, grad, attn_mask=m)
+            ref_out, ref_grads = _sdpa_oracle(q, k, v, m, None, False, grad=grad)
+            assert_close(out, ref_out, torch.float64)
+            for a, e in zip(grads, ref_grads):
+                assert_close(a, e, torch.float64)
+    # A mask stored transposed (column stride != 1) and a float16 additive mask.
+    mt = torch.randn(sk, sq, generator=g).float().double().to(device).t()
+    out = vae_ext.masked_attention(q, k, v, attn_mask=mt)
+    assert_close(out, _sdpa_oracle(q, k, v, mt, None, False)[0], torch.float64)
+    mh = torch.randn(sq, sk, generator=g).half().to(device)
+    out = vae_ext.masked_attention(q, k, v, attn_mask=mh)
+    assert_close(out, _sdpa_oracle(q, k, v, mh.double(), None, False)[0], torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fully_masked_rows_are_zero_with_zero_grads(device, dtype):
+    b, h, sq, sk, d = 2, 2, 40, 150, 16
+    q, k, v, _, _, _ = _make(b, h, h, sq, sk, d, dtype, device, seed=11)
+    kpm = torch.zeros(b, sk, dtype=torch.bool, device=device)
+    kpm[0] = True  # batch 0: every key is padding
+    kpm[1, :100] = True  # batch 1: leading padding, with causal rows < 100 see nothing
+    am = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    am[-3:] = False  # and the last rows are masked out for every batch
+    fm = torch.zeros(b, h, sq, sk, dtype=torch.float64, device=device)
+    fm[:, :, 5] = float("-inf")  # an additive -inf row
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device).to(dtype)
+    for kwargs in (dict(key_padding_mask=kpm, is_causal=True), dict(key_padding_mask=kpm, attn_mask=am),
+                   dict(attn_mask=fm.to(dtype))):
+        out, (dq, dk, dv) = _run(vae_ext.masked_attention, q, k, v, grad, **kwargs)
+        for t in (out, dq, dk, dv):
+            assert torch.isfinite(t).all()
+        assert torch.equal(out[0] if "key_padding_mask" in kwargs else out[:, :, 5],
+                           torch.zeros_like(out[0] if "key_padding_mask" in kwargs else out[:, :, 5]))
+        if "key_padding_mask" in kwargs:
+            assert torch.equal(dq[0], torch.zeros_like(dq[0]))
+            assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
+            assert torch.equal(dk[1, :, :100], torch.zeros_like(dk[1, :, :100]))
+        r_out, r_grads = _run(reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
+                              **{n: (m.double() if m.dtype != torch.bool else m) if torch.is_tensor(m) else m
+                                 for n, m in kwargs.items()})
+        assert_close(out, r_out, dtype)
+        for a, e in zip((dq, dk, dv), r_grads):
+            assert_close(a, e, dtype, scale=_grad_scale(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_tiles_are_skipped_without_changing_the_result(device):
+    """Left padding (whole leading key tiles of padding) and right padding: the result
+    equals attention over the unpadded keys alone."""
+    b, h, sq, sk, d = 2, 2, 50, 400, 32
+    q, k, v, _, _, _ = _make(b, h, h, sq, sk, d, torch.float64, device, seed=13)
+    kpm = torch.zeros(b, sk, dtype=torch.bool, device=device)
+    kpm[0, :300] = True
+    kpm[1, 170:] = True
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device)
+    out, (dq, dk, dv) = _run(vae_ext.masked_attention, q, k, v, grad, key_padding_mask=kpm)
+    for i, keys in ((0, slice(300, None)), (1, slice(0, 170))):
+        o_i, (dq_i, dk_i, dv_i) = _run(reference.masked_attention, q[i:i + 1], k[i:i + 1, :, keys],
+                                       v[i:i + 1, :, keys], grad[i:i + 1])
+        assert_close(out[i:i + 1], o_i, torch.float64)
+        assert_close(dq[i:i + 1], dq_i, torch.float64)
+        assert_close(dk[i:i + 1, :, keys], dk_i, torch.float64)
+        assert_close(dv[i:i + 1, :, keys], dv_i, torch.float64)
+    assert torch.equal(dk[0, :, :300], torch.zeros_like(dk[0, :, :300]))
+    assert torch.equal(dv[1, :, 170:], torch.zeros_like(dv[1, :, 170:]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bh", [(1, 1), (8, 4)])
+def test_backward_is_deterministic(device, bh):
+    """Bit-identical gradients run to run: with few (batch, kv head) pairs dq is summed over
+    key ranges in a fixed order, with many each task owns its dq rows."""
+    b, hkv = bh
+    q, k, v, am, kpm, causal = _make(b, 2 * hkv, hkv, 300, 280, 32, torch.float32, device, seed=17,
+                                     masks="causal+padding")
+    grad = torch.randn(q.shape, device=device)
+    _, g1 = _run(vae_ext.masked_attention, q, k, v, grad, key_padding_mask=kpm, is_causal=causal)
+    _, g2 = _run(vae_ext.masked_attention, q, k, v, grad, key_padding_mask=kpm, is_causal=causal)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+    ref_out, ref_grads = _sdpa_oracle(q, k, v, None, kpm, causal, grad=grad)
+    for a, e in zip(g1, ref_grads):
+        assert_close(a, e, torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_upstream_gradient(device):
+    q, k, v, _, _, _ = _make(2, 2, 2, 30, 30, 8, torch.float64, device)
+    q.requires_grad_()
+    vae_ext.masked_attention(q, k, v, is_causal=True).sum().backward()  # grad_out has stride 0 everywhere
+    q2 = q.detach().clone().requires_grad_()
+    reference.masked_attention(q2, k, v, is_causal=True).sum().backward()
+    assert_close(q.grad, q2.grad, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_rows_with_any_stride(device):
+    """A length-1 sequence dim may carry any stride (here 0): the kernels must not use it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    k = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    v = torch.randn(2, 2, 1, 8, generator=g).to(device)
+    grad = torch.randn(2, 2, 1, 8, generator=g).to(device).as_strided((2, 2, 1, 8), (16, 8, 0, 1))
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad)
+    r_out, r_grads = _run(reference.masked_attention, q, k, v, grad)
+    assert_close(out, r_out, torch.float32)
+    for a, e in zip(grads, r_grads):
+        assert_close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sizes(device):
+    q = torch.randn(2, 2, 5, 8, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 0, 8, device=device, requires_grad=True)
+    v = torch.randn(2, 2, 0, 8, device=device, requires_grad=True)
+    out = vae_ext.masked_attention(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    out = vae_ext.masked_attention(torch.randn(0, 2, 5, 8, device=device), torch.randn(0, 2, 5, 8, device=device),
+                                   torch.randn(0, 2, 5, 8, device=device))
+    assert out.shape == (0, 2, 5, 8)
+    out = vae_ext.masked_attention(torch.randn(1, 2, 0, 8, device=device), torch.randn(1, 2, 5, 8, device=device),
+                                   torch.randn(1, 2, 5, 8, device=device))
+    assert out.shape == (1, 2, 0, 8)
+
+
+_TILE_PATH_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_attention as T, vae_ext
+for dtype in (torch.float64, torch.float32):
+    for masks, shape in (("causal+padding+bool", (2, 4, 2, 131, 150, 24)), ("float", (1, 2, 1, 70, 300, 80))):
+        b, h, hkv, sq, sk, d = shape
+        q, k, v, am, kpm, causal = T._make(b, h, hkv, sq, sk, d, dtype, "cpu", seed=3, masks=masks)
+        grad = torch.randn(q.shape, dtype=dtype)
+        kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=0.2, seed=9)
+        out, grads = T._run(vae_ext.masked_attention, q, k, v, grad, **kw)
+        r_out, r_grads = T._run(vae_ext.reference.masked_attention, q.double(), k.double(), v.double(),
+                                grad.double(), **{**kw, "attn_mask": T._as_double(am)})
+        T.assert_close(out, r_out, dtype)
+        for a, e in zip(grads, r_grads):
+            T.assert_close(a, e, dtype, scale=T._grad_scale(dtype))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [
+    {"VAE_EXT_ATTN_GEMM": "vec"},  # the at::vec tile products (torch builds without a BLAS)
+    {"VAE_EXT_ATTN_BLOCK_Q": "16", "VAE_EXT_ATTN_BLOCK_K": "64", "VAE_EXT_ATTN_BWD_BLOCK_Q": "48",
+     "VAE_EXT_ATTN_BWD_BLOCK_K": "192"},  # other tile sizes
+])
+def test_other_kernel_configurations(env):
+    """The kernel's alternative tile products and tile sizes (read once per process) in a subprocess."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", _TILE_PATH_SCRIPT, here], env={**os.environ, **env},
+                            cwd=os.path.dirname(here), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("masks", ["none", "causal+padding", "float", "bool+padding"])
+def test_dropout_matches_the_reference_stream_exactly(device, dtype, masks):
+    """With an explicit seed the reference drops exactly the kernels' elements: forward
+    and gradients agree to rounding, so the backward regenerates the forward's mask."""
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 70, 133, 16, dtype, device, seed=21, masks=masks)
+    grad = torch.randn(q.shape, dtype=dtype, device=device)
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=0.3, seed=1234)
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+    r_out, r_grads = _run(reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
+                          **{**kw, "attn_mask": _as_double(am)})
+    assert_close(out, r_out, dtype)
+    for a, e in zip(grads, r_grads):
+        assert_close(a, e, dtype, scale=_grad_scale(dtype))
+    no_drop = vae_ext.masked_attention(q, k, v, attn_mask=am, key_padding_mask=kpm, is_causal=causal)
+    assert not torch.allclose(out, no_drop)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_seed_generator_and_manual_seed(device):
+    q, k, v, _, _, _ = _make(2, 2, 2, 40, 50, 8, torch.float32, device)
+    a = vae_ext.masked_attention(q, k, v, dropout_p=0.2, seed=7)
+    torch.manual_seed(99)
+    assert torch.equal(a, vae_ext.masked_attention(q, k, v, dropout_p=0.2, seed=7)), "seed is stateless"
+    assert not torch.equal(a, vae_ext.masked_attention(q, k, v, dropout_p=0.2, seed=8))
+    torch.manual_seed(3)
+    x1 = vae_ext.masked_attention(q, k, v, dropout_p=0.2)
+    x2 = vae_ext.masked_attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(3)
+    assert torch.equal(x1, vae_ext.masked_attention(q, k, v, dropout_p=0.2)), "torch.manual_seed reproduces"
+    assert not torch.equal(x1, x2), "fresh masks call to call"
+    g1 = torch.Generator(device=device).manual_seed(5)
+    g2 = torch.Generator(device=device).manual_seed(5)
+    assert torch.equal(vae_ext.masked_attention(q, k, v, dropout_p=0.2, generator=g1),
+                       vae_ext.masked_attention(q, k, v, dropout_p=0.2, generator=g2))
+    # p = 0 draws nothing and equals the plain result
+    assert torch.equal(vae_ext.masked_attention(q, k, v, dropout_p=0.0, seed=1), vae_ext.masked_attention(q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_rate_and_expectation(device):
+    """E over seeds of dropout attention equals attention without dropout; the fraction
+    of dropped weights is p (read off with v = identity rows)."""
+    sq = sk = 64
+    q, k, _, _, _, _ = _make(1, 1, 1, sq, sk, sk, torch.float64, device, seed=2)
+    v = torch.eye(sk, dtype=torch.float64, device=device)[None, None]  # out = the dropped probabilities
+    p = 0.25
+    probs = vae_ext.masked_attention(q, k, v)
+    dropped = vae_ext.masked_attention(q, k, v, dropout_p=p, seed=0)
+    kept = dropped != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.03
+    torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p))
+    n = 300
+    mean = sum(vae_ext.masked_attention(q, k, v, dropout_p=p, seed=s) for s in range(n)) / n
+    # each weight is a scaled Bernoulli: std of the mean = w * sqrt(p / (1 - p) / n)
+    tol = 5 * probs * math.sqrt(p / (1 - p) / n) + 1e-12
+    assert ((mean - probs).abs() <= tol).all()
+
+
+def test_dropout_gradcheck_with_fixed_seed():
+    q, k, v, am, kpm, causal = _make(1, 2, 1, 9, 11, 4, torch.float64, "cpu", seed=4, masks="causal+padding")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: vae_ext.masked_attention(a, b, c, key_padding_mask=kpm, is_causal=causal, dropout_p=0.4,
+                                                 seed=77), (q, k, v))
+
+
+# ---------------------------------------------------------------- gradcheck, opcheck, compile
+
+@pytest.mark.parametrize("masks", ["none", "causal+padding", "bool", "float+causal"])
+def test_gradcheck_float64(masks):
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 7, 10, 5, torch.float64, "cpu", seed=8, masks=masks)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: vae_ext.masked_attention(a, b, c, attn_mask=am, key_padding_mask=kpm, is_causal=causal),
+        (q, k, v))
+
+
+def test_attn_mask_gradient_runs_the_reference():
+    q, k, v, _, _, _ = _make(1, 2, 2, 6, 7, 4, torch.float64, "cpu")
+    m = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    out = vae_ext.masked_attention(q, k, v, attn_mask=m, is_causal=True)
+    (gm,) = torch.autograd.grad(out, m, torch.ones_like(out))
+    m2 = m.detach().clone().requires_grad_()
+    (gm2,) = torch.autograd.grad(reference.masked_attention(q, k, v, attn_mask=m2, is_causal=True), m2,
+                                 torch.ones_like(out))
+    torch.testing.assert_close(gm, gm2)
+    assert torch.autograd.gradcheck(lambda mm: vae_ext.masked_attention(q, k, v, attn_mask=mm), (m,))
+    with vae_ext.use_backend("extension"):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            vae_ext.masked_attention(q, k, v, attn_mask=m)
+        with torch.no_grad():  # no gradient wanted: the kernels run
+            out = vae_ext.masked_attention(q, k, v, attn_mask=m)
+    torch.testing.assert_close(out, reference.masked_attention(q, k, v, attn_mask=m.detach()))
+
+
+def test_opcheck():
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 9, 13, 8, torch.float32, "cpu", seed=1, masks="causal+padding")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    fm = torch.randn(4, 9, 13)
+    op = torch.ops.vae_ext.masked_attention_forward.default
+    torch.library.opcheck(op, (q, k, v, None, kpm, True, 0.35, 0.0, None, None))
+    torch.library.opcheck(op, (q, k, v, fm, None, False, 0.35, 0.0, None, None))
+    torch.library.opcheck(op, (q, k, v, am, kpm, causal, 0.35, 0.3, 5, None))
+    out, lse, rng = op(q, k, v, None, kpm, True, 0.35, 0.3, 5, None)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.vae_ext.masked_attention_backward.default,
+                          (g, q.detach(), k.detach(), v.detach(), out.detach(), lse, rng, None, kpm, True, 0.35, 0.3))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, am, kpm, causal = _make(2, 4, 2, 33, 47, 16, torch.float32, "cpu", seed=6, masks="causal+padding")
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def f(a, b, c):
+        return vae_ext.masked_attention(a * 2, b, c, key_padding_mask=kpm, is_causal=True).sum(dim=-1)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def g(a, b, c):
+        return vae_ext.masked_attention(a, b, c, is_causal=True, dropout_p=0.5, seed=3)
+
+    q1 = q.clone().requires_grad_()
+    out = f(q1, k, v)
+    q2 = q.clone().requires_grad_()
+    expected = vae_ext.masked_attention(q2 * 2, k, v, key_padding_mask=kpm, is_causal=True).sum(dim=-1)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(q1.grad, q2.grad)
+    torch.testing.assert_close(g(q, k, v), vae_ext.masked_attention(q, k, v, is_causal=True, dropout_p=0.5, seed=3))
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_raises_naming_the_argument():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        vae_ext.masked_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k must be 4-D"):
+        vae_ext.masked_attention(q, k[0], v)
+    with pytest.raises(ValueError, match="batch"):
+        vae_ext.masked_attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="head dims"):
+        vae_ext.masked_attention(q, k[..., :4], v[..., :4])
+    with pytest.raises(ValueError, match="v must have"):
+        vae_ext.masked_attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="multiple"):
+        vae_ext.masked_attention(q, torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8))
+    with pytest.raises(TypeError, match="k dtype"):
+        vae_ext.masked_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="q must be"):
+        vae_ext.masked_attention(q.long(), k, v)
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        vae_ext.masked_attention(q, k, v, attn_mask=torch.zeros(5, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="attn_mask"):
+        vae_ext.masked_attention(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        vae_ext.masked_attention(q, k, v, attn_mask=torch.zeros(1, 2, 4, 5, 6, dtype=torch.bool))
+    for p in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            vae_ext.masked_attention(q, k, v, dropout_p=p)
+    with pytest.raises(TypeError, match="is_causal"):
+        vae_ext.masked_attention(q, k, v, is_causal=1)
+    with pytest.raises(ValueError, match="scale"):
+        vae_ext.masked_attention(q, k, v, scale=float("inf"))
+    with pytest.raises(ValueError, match="not both"):
+        vae_ext.masked_attention(q, k, v, dropout_p=0.1, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="seed"):
+        vae_ext.masked_attention(q, k, v, dropout_p=0.1, seed=1.0)
+    with pytest.raises(ValueError, match="device"):
+        vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool, device="meta"))
+
+
+def test_op_level_checks_are_clear():
+    """The custom op checks what its kernels assume even when called directly."""
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    op = torch.ops.vae_ext.masked_attention_forward
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(q, torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8), None, None, False, 1.0, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        op(q, k, v, None, None, False, 1.0, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="key_padding_mask"):
+        op(q, k, v, None, torch.zeros(2, 5, dtype=torch.bool), False, 1.0, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        op(q, k, v, torch.zeros(3, 6, dtype=torch.bool), None, False, 1.0, 0.0, None, None)
+
+
+# ---------------------------------------------------------------- CUDA only
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_and_cpu_drop_the_same_elements_for_one_seed(dtype):
+    q, k, v, _, kpm, _ = _make(2, 4, 2, 70, 133, 64, dtype, "cpu", seed=31, masks="padding")
+    grad = torch.randn(q.shape, dtype=dtype)
+    kw = dict(key_padding_mask=kpm, is_causal=True, dropout_p=0.3, seed=2024)
+    cpu_out, cpu_grads = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+    kw["key_padding_mask"] = kpm.cuda()
+    cuda_out, cuda_grads = _run(vae_ext.masked_attention, q.cuda(), k.cuda(), v.cuda(), grad.cuda(), **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(cuda_out.cpu().double(), cpu_out.double(), rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+    for a, e in zip(cuda_grads, cpu_grads):
+        torch.testing.assert_close(a.cpu().double(), e.double(), rtol=tol["rtol"] * 8, atol=tol["atol"] * 8)
+    # the same elements are dropped: with v = identity rows the output is the dropped probabilities
+    qe = torch.randn(2, 4, 70, 133)
+    ke = torch.randn(2, 2, 133, 133)
+    v_eye = torch.eye(133)[None, None].expand(2, 2, 133, 133).contiguous()
+    a = vae_ext.masked_attention(qe, ke, v_eye, dropout_p=0.3, seed=5) == 0
+    b = vae_ext.masked_attention(qe.cuda(), ke.cuda(), v_eye.cuda(), dropout_p=0.3, seed=5) == 0
+    assert torch.equal(a, b.cpu())
