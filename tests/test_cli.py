@@ -166,7 +166,7 @@ def test_train_image_model_writes_every_file(tmp_path, model, capsys):
 def test_train_transformer_on_text_writes_sentences(tmp_path, capsys):
     out = tmp_path / "tf"
     rc = main(["train", "--model", "transformer", "--data", "text", "--epochs", "1", "--limit", "64",
-               "--batch-size", "32", "--max-len", "48", "--out", str(out)])
+               "--batch-size", "32", "--level", "word", "--max-len", "12", "--out", str(out)])
     assert rc == 0
     for name in ("text_samples.txt", "loss_curves.png", "metrics.json", "checkpoint.pt"):
         assert (out / name).is_file(), name
@@ -181,9 +181,9 @@ def test_train_transformer_on_text_writes_sentences(tmp_path, capsys):
 
 def test_train_on_users_text_file_and_image_folder(tmp_path):
     sentences = tmp_path / "s.txt"
-    sentences.write_text("\n".join(f"Sentence number {i} has {'some ' * (i % 5)}words." for i in range(40)))
+    sentences.write_text("\n".join(f"Sentence number {i} has {'some ' * (i % 5)}words." for i in range(40)))  # 6-10 words
     rc = main(["train", "--model", "transformer", "--data", str(sentences), "--level", "word", "--epochs", "1",
-               "--batch-size", "16", "--out", str(tmp_path / "t"), "--quiet"])
+               "--batch-size", "16", "--max-len", "14", "--out", str(tmp_path / "t"), "--quiet"])
     assert rc == 0 and (tmp_path / "t" / "text_samples.txt").is_file()
     _write_images(tmp_path / "imgs", n=10)
     rc = main(["train", "--model", "conv", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--epochs", "1",

@@ -316,32 +316,29 @@ class _TextTask(_Task):
         max_len = self.data.max_len
         lines = []
 
+        # one batched greedy decoding for samples, reconstructions and the interpolation
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        z = torch.randn(8, self.cfg.latent, generator=g).to(self.device)
-        lines.append("Samples (greedy decoding of z ~ N(0, I)):")
-        for ids in _generate(model, z, max_len):
-            lines.append(f"  {tok.decode(ids)}")
-
         n = min(6, len(self.data.val))
         tokens, mask = vdata.pad_collate(self.data.val[:n], tok.pad_id)
         mu, _ = _encode(model, (tokens.to(self.device), mask.to(self.device)))
+        z = torch.randn(8, mu.shape[1], generator=g).to(self.device, mu.dtype)
+        steps = torch.linspace(0, 1, 7, device=self.device, dtype=mu.dtype)
+        zs = mu[0].unsqueeze(0) + steps.unsqueeze(1) * (mu[min(1, n - 1)] - mu[0]).unsqueeze(0)
+        texts = [tok.decode(ids) for ids in _generate(model, torch.cat([z, mu, zs]), max_len)]
+        sampled, recons, interp = texts[:8], texts[8:8 + n], texts[8 + n:]
+
+        lines.append("Samples (greedy decoding of z ~ N(0, I)):")
+        lines += [f"  {t}" for t in sampled]
         lines.append("")
         lines.append("Reconstructions (validation sentence, then greedy decoding of its posterior mean):")
-        for text, ids in zip(self.data.val_text[:n], _generate(model, mu, max_len)):
+        for text, out in zip(self.data.val_text[:n], recons):
             lines.append(f"  in:  {text}")
-            lines.append(f"  out: {tok.decode(ids)}")
-
-        if len(self.data.val) >= 2:
-            pair = [self.data.val[0], self.data.val[1]]
-            tokens, mask = vdata.pad_collate(pair, tok.pad_id)
-            mu, _ = _encode(model, (tokens.to(self.device), mask.to(self.device)))
-            steps = torch.linspace(0, 1, 7, device=self.device, dtype=mu.dtype)
-            zs = mu[0].unsqueeze(0) + steps.unsqueeze(1) * (mu[1] - mu[0]).unsqueeze(0)
+            lines.append(f"  out: {out}")
+        if n >= 2:
             lines.append("")
             lines.append("Interpolation between two validation sentences (posterior means, 7 steps):")
             lines.append(f"  from: {self.data.val_text[0]}")
-            for t, ids in zip(steps.tolist(), _generate(model, zs, max_len)):
-                lines.append(f"  t={t:.2f} {tok.decode(ids)}")
+            lines += [f"  t={t:.2f} {out}" for t, out in zip(steps.tolist(), interp)]
             lines.append(f"  to:   {self.data.val_text[1]}")
 
         text = "\n".join(lines) + "\n"
