@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs of the fused run (default 100)")
     p.add_argument("--time-limit", type=float, default=90.0, metavar="SECONDS",
                    help="stop the fused run after the epoch that passes this (default %(default)s)")
-    p.add_argument("--reference-steps", type=int, default=None, help="steps of the timed reference run")
+    p.add_argument("--reference-steps", type=int, default=None,
+                   help="timed steps of each backend in the comparison (default 40)")
     p.add_argument("--out", default=os.path.join("runs", "demo"))
     p.set_defaults(func=_cmd_demo)
     return parser
