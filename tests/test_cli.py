@@ -16,6 +16,17 @@ from vae_ext.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests check what the CLI does, not its speed: one intra-op thread keeps them fast
+    and steady on a shared machine (where a busy core stalls every 2-thread parallel region
+    for a scheduler tick)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # this checkout's vae_ext
