@@ -12,16 +12,6 @@
 
 namespace vae_ext {
 
-DType to_dtype(at::ScalarType type, const char* op) {
-  switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", type, " (expected float32, float64, bfloat16 or float16)");
-  }
-}
-
 PhiloxState philox_state_cpu(std::optional<int64_t> seed, const std::optional<at::Generator>& generator) {
   PhiloxState state;
   if (seed.has_value()) {

@@ -13,7 +13,15 @@
 
 namespace vae_ext {
 
-DType to_dtype(at::ScalarType type, const char* op);
+inline DType to_dtype(at::ScalarType type, const char* op) {
+  switch (type) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", type, " (expected float32, float64, bfloat16 or float16)");
+  }
+}
 
 // Explicit seed: key = seed, counter offset 0 (the stateless mode: CPU and CUDA
 // draw the same integers). Otherwise the CPU generator (or the default one)

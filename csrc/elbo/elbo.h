@@ -1,5 +1,6 @@
 // elbo_loss: the parameter structs the CPU and CUDA kernels take, and the
-// kernels' entry points. Only elbo.cpp knows about at::Tensor.
+// kernels' entry points. Only the torch glue (elbo.cpp, elbo_glue.h) knows about
+// at::Tensor.
 //
 // One forward call computes, per sample b (dim 0 is the batch):
 //   recon_b = sum over the sample's elements of the likelihood's NLL term

@@ -16,19 +16,6 @@
 namespace vae_ext::emu_glue::attention {
 namespace {
 
-// A copy of `t` in device memory with t's strides (last dim contiguous), `misalign`
-// bytes past a 16-byte boundary (a misaligned start makes the kernels take their
-// element-wise load path).
-at::Tensor to_device_strided(const at::Tensor& t, int64_t misalign) {
-  int64_t span = 1;
-  for (int64_t i = 0; i < t.dim(); ++i) span += (t.size(i) - 1) * t.stride(i);
-  if (t.numel() == 0) span = 0;
-  at::Tensor buf = device_empty({span}, t.scalar_type(), static_cast<size_t>(misalign));
-  at::Tensor view = buf.as_strided(t.sizes(), t.strides(), 0);
-  view.copy_(t);
-  return view;
-}
-
 struct Masks {
   at::Tensor mask;      // expanded (B, H, Sq, Sk) view in device memory, or undefined
   at::Tensor padding;   // (B, Sk) uint8 in device memory, or undefined

@@ -45,6 +45,23 @@ inline at::Tensor to_device(const at::Tensor& t) {
   return d;
 }
 
+// A copy of CPU tensor `t` in device memory with t's strides (non-negative), `misalign` bytes past a 16-byte
+// boundary: a view keeps its layout, and a dim of stride 0 (an expanded tensor) stays a broadcast of one
+// stored slice.
+inline at::Tensor to_device_strided(const at::Tensor& t, int64_t misalign) {
+  TORCH_CHECK(t.device().is_cpu(), "vae_ext_emu: tensors must be on the CPU (emulated device memory is host memory)");
+  int64_t span = t.numel() == 0 ? 0 : 1;
+  at::Tensor stored = t;  // the elements of t that have their own memory
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.stride(d) >= 0, "vae_ext_emu: negative strides are not supported");
+    if (t.numel() > 0) span += (t.size(d) - 1) * t.stride(d);
+    if (t.stride(d) == 0 && t.size(d) > 1) stored = stored.narrow(d, 0, 1);
+  }
+  at::Tensor buf = device_empty({span}, t.scalar_type(), static_cast<size_t>(misalign));
+  buf.as_strided(stored.sizes(), t.strides(), 0).copy_(stored);
+  return buf.as_strided(t.sizes(), t.strides(), 0);
+}
+
 inline std::optional<at::Tensor> to_device(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return to_device(*t);

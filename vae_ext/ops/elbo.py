@@ -158,15 +158,21 @@ def _needs_grad(t) -> bool:
 
 def _fused(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, prior_logvar, free_bits, ignore_index,
            obs_logvar) -> ELBO:
-    """Bring the (validated) inputs to the layouts torch.ops.vae_ext.elbo_forward takes and call it.
+    out = torch.ops.vae_ext.elbo_forward(*_op_args(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu,
+                                                   prior_logvar, free_bits, ignore_index, obs_logvar))
+    return ELBO(out[0], out[1], out[2])
+
+
+def _op_args(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, prior_logvar, free_bits, ignore_index,
+             obs_logvar) -> tuple:
+    """The arguments of torch.ops.vae_ext.elbo_forward for (validated) elbo_loss inputs.
 
     dtypes: the reconstruction group (recon, target, obs_logvar) and the latent group (mu,
     logvar, priors) are each promoted to one dtype. Priors are expanded to mu's shape (a
     prior shared by the batch is read in place); obs_logvar becomes (1,) / (B,) when it has
     one value per sample, else (1 or B, *recon.shape[1:]). Autograd sums gradients of the
-    expanded views back to the caller's shapes.
+    expanded views back to the caller's shapes. needs_grad is taken from the inputs.
     """
-    batch = recon.shape[0]
     recon_dtype = recon.dtype
     if likelihood != "categorical":
         recon_dtype = torch.promote_types(recon_dtype, target.dtype)
@@ -198,9 +204,8 @@ def _fused(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, pri
             obs_in = o.reshape(o.shape[0])  # one value per sample (or for all)
         else:
             obs_in = o.expand((o.shape[0], *recon.shape[1:]))  # one per element
-    out = torch.ops.vae_ext.elbo_forward(recon_in, target_in, mu_in, logvar_in, pm_in, plv_in, obs_in, likelihood,
-                                         reduction, beta, free_bits, ignore_index, needs)
-    return ELBO(out[0], out[1], out[2])
+    return (recon_in, target_in, mu_in, logvar_in, pm_in, plv_in, obs_in, likelihood, reduction, beta, free_bits,
+            ignore_index, needs)
 
 
 _GRAD_NAMES = ("recon", "mu", "logvar", "prior_mu", "prior_logvar", "obs_logvar")
