@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := ninja numpy pytest pytest-benchmark scipy expecttest
+DEPS := ninja numpy pytest pytest-benchmark scipy expecttest scikit-learn tqdm matplotlib
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
@@ -26,7 +26,6 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	touch $@
 
 demo: $(BUILD_STAMP)
-	$(PY) -m vae_ext info
 	$(PY) -m vae_ext demo
 
 test: $(BUILD_STAMP)

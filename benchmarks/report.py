@@ -7,17 +7,16 @@
 Rows are grouped by (op, case, device, pass); each row gives the median time,
 the speed-up over the reference and over the best peer, and GB/s or TFLOP/s,
 also as a fraction of the ceilings (copy bandwidth, matrix rate) measured in
-the same run.
+the same run. The table and chart code is shared with `python -m vae_ext bench`
+(vae_ext/_report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
-from collections import defaultdict
+
+from vae_ext._report import ceilings, chart, markdown, results
 
 
 def load_rows(path: str) -> tuple[list[dict], dict]:
@@ -39,104 +38,12 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
     return rows, run.get("machine_info", {})
 
 
-def ceilings(rows: list[dict]) -> dict:
-    out = {}
-    for r in rows:
-        if r["op"] != "ceiling":
-            continue
-        if r["impl"] == "copy":
-            out[f"{r['device']}_copy_gbps"] = r["gbps"]
-        elif r["impl"] == "matmul":
-            out[f"{r['device']}_matmul_tflops"] = r["tflops"]
-    return out
-
-
-def markdown(rows: list[dict], ceil: dict) -> str:
-    groups = defaultdict(list)
-    for r in rows:
-        if r["op"] != "ceiling":
-            groups[(r["op"], r["case"], r["device"], r["pass_"])].append(r)
-    lines = []
-    if ceil:
-        lines.append("Ceilings measured in this run: " + ", ".join(
-            f"{k.replace('_', ' ')} {v:.1f}" for k, v in sorted(ceil.items())))
-        lines.append("")
-    lines.append("| op | case | device | pass | impl | median ms | vs reference | vs best peer | GB/s | TFLOP/s |")
-    lines.append("|---|---|---|---|---|---:|---:|---:|---:|---:|")
-    for (op, case, device, pass_), group in sorted(groups.items()):
-        ref = next((r["median_ms"] for r in group if r["impl"] == "reference"), None)
-        peers = [r["median_ms"] for r in group if r["impl"] not in ("fused", "reference")]
-        best_peer = min(peers) if peers else None
-        for r in sorted(group, key=lambda r: r["median_ms"]):
-            vs_ref = f"{ref / r['median_ms']:.2f}x" if ref else ""
-            vs_peer = f"{best_peer / r['median_ms']:.2f}x" if best_peer else ""
-            gbps = tflops = ""
-            if r["gbps"] is not None:
-                frac = ceil.get(f"{device}_copy_gbps")
-                gbps = f"{r['gbps']:.1f}" + (f" ({100 * r['gbps'] / frac:.0f}%)" if frac else "")
-            if r["tflops"] is not None:
-                frac = ceil.get(f"{device}_matmul_tflops")
-                tflops = f"{r['tflops']:.2f}" + (f" ({100 * r['tflops'] / frac:.0f}%)" if frac else "")
-            lines.append(f"| {op} | {case} | {device} | {pass_} | {r['impl']} | {r['median_ms']:.3f} | {vs_ref} | "
-                         f"{vs_peer} | {gbps} | {tflops} |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = defaultdict(dict)
-    for r in rows:
-        if r["op"] != "ceiling":
-            groups[f"{r['op']}\n{r['case']}\n{r['device']} {r['pass_']}"][r["impl"]] = r["median_ms"]
-    impls = sorted({impl for g in groups.values() for impl in g})
-    names = sorted(groups)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4.5))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        # speed relative to the reference (or the slowest impl) of each group: higher is better
-        values = []
-        for n in names:
-            g = groups[n]
-            base = g.get("reference", max(g.values()))
-            values.append(base / g[impl] if impl in g else 0.0)
-        ax.bar([k + i * width for k in range(len(names))], values, width, label=impl)
-    ax.set_xticks([k + width * (len(impls) - 1) / 2 for k in range(len(names))])
-    ax.set_xticklabels(names, fontsize=7)
-    ax.set_ylabel("speed vs reference (x)")
-    ax.axhline(1.0, color="gray", lw=0.5)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def results_file(rows, ceil, machine, tests) -> dict:
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else machine.get("cpu", {}).get("brand_raw", "cpu")
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                         cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        commit = None
-    gpu = "cuda" if torch.cuda.is_available() else "cpu"
-    return {
-        "device": device,
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": commit,
-        "tests": tests,
-        "ceilings": {"copy_gbps": ceil.get(f"{gpu}_copy_gbps"), "bf16_matmul_tflops": ceil.get(f"{gpu}_matmul_tflops")},
-        "results": [{"op": r["op"], "case": r["case"], "impl": r["impl"], "pass": r["pass_"], "device": r["device"],
-                     "median_ms": round(r["median_ms"], 4),
-                     "tflops": None if r["tflops"] is None else round(r["tflops"], 2),
-                     "gbps": None if r["gbps"] is None else round(r["gbps"], 1)}
-                    for r in rows if r["op"] != "ceiling"],
-    }
+    if torch.cuda.is_available():
+        return results(rows, ceil, torch.cuda.get_device_name(), "cuda", tests)
+    return results(rows, ceil, machine.get("cpu", {}).get("brand_raw", "cpu"), "cpu", tests)
 
 
 def main(argv=None) -> int:
