@@ -7,8 +7,8 @@ import math
 import torch
 
 from vae_ext import _backend, reference
-from vae_ext._validation import (FLOAT_DTYPES, check_float, check_generator, check_same_device, check_seed,
-                                 check_tensor, seed_to_int64)
+from vae_ext._validation import (FLOAT_DTYPES, broadcast_shape, check_float, check_generator, check_same_device,
+                                 check_seed, check_tensor, seed_to_int64)
 
 OP = "masked_attention"
 
@@ -56,11 +56,7 @@ def _check_mask_broadcast(name: str, mask: torch.Tensor, full: tuple[int, int, i
     if mask.dim() > 4:
         raise ValueError(f"{OP}: {name} must have at most 4 dims (broadcastable to (B, H, Sq, Sk) = {full}), "
                          f"got shape {tuple(mask.shape)}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, full)
-    except RuntimeError:
-        shape = None
-    if shape != torch.Size(full):
+    if broadcast_shape(mask.shape, full) != torch.Size(full):
         raise ValueError(f"{OP}: {name} of shape {tuple(mask.shape)} does not broadcast to (B, H, Sq, Sk) = {full}")
 
 

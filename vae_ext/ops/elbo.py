@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from vae_ext import _backend, reference
 from vae_ext._types import ELBO
-from vae_ext._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from vae_ext._validation import FLOAT_DTYPES, broadcast_shape, check_float, check_same_device, check_tensor
 
 OP = "elbo_loss"
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
@@ -33,11 +33,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def _check_broadcast_to(name: str, t: torch.Tensor, shape: torch.Size, to: str) -> None:
-    try:
-        ok = torch.broadcast_shapes(t.shape, shape) == shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if broadcast_shape(t.shape, shape) != shape:
         raise ValueError(f"{OP}: {name} of shape {tuple(t.shape)} does not broadcast to {to} {tuple(shape)}")
 
 

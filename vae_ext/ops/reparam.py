@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 
 from vae_ext import _backend, reference
-from vae_ext._validation import (FLOAT_DTYPES, check_float, check_generator, check_same_device, check_seed,
-                                 seed_to_int64)
+from vae_ext._validation import (FLOAT_DTYPES, broadcast_shape, check_float, check_generator, check_same_device,
+                                 check_seed, seed_to_int64)
 
 OP = "reparameterize"
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """t in `dtype`, expanded to `shape` (no op calls when it already is)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.shape == shape else t.expand(shape)
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -46,11 +53,10 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | N
     check_same_device(OP, {"mu": mu, "logvar": logvar, "eps": eps})
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"{OP}: num_samples must be an int >= 1, got {num_samples!r}")
-    try:
-        shape = torch.broadcast_shapes(mu.shape, logvar.shape)
-    except RuntimeError:
+    shape = broadcast_shape(mu.shape, logvar.shape)
+    if shape is None:
         raise ValueError(f"{OP}: logvar shape {tuple(logvar.shape)} does not broadcast with mu shape "
-                         f"{tuple(mu.shape)}") from None
+                         f"{tuple(mu.shape)}")
     sample_shape = tuple(shape) if num_samples == 1 else (num_samples, *shape)
     if eps is not None:
         if tuple(eps.shape) != sample_shape:
@@ -69,9 +75,9 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | N
     if not _backend.use_extension(OP, ok, reason):
         return reference.reparameterize(mu, logvar, eps, generator, num_samples, seed)
 
-    mu_b = mu.to(dtype).expand(shape)
-    logvar_b = logvar.to(dtype).expand(shape)
-    eps_b = None if eps is None else eps.to(dtype).reshape((num_samples, *shape))
+    mu_b = _as(mu, dtype, shape)
+    logvar_b = _as(logvar, dtype, shape)
+    eps_b = None if eps is None else _as(eps, dtype, eps.shape).reshape((num_samples, *shape))
     seed64 = None if seed is None else seed_to_int64(seed)
     z = torch.ops.vae_ext.reparameterize(mu_b, logvar_b, eps_b, num_samples, seed64, generator)
     return z.squeeze(0) if num_samples == 1 else z
