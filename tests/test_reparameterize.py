@@ -244,6 +244,10 @@ def test_opcheck():
     eps = torch.randn(2, 4, 9)
     torch.library.opcheck(torch.ops.vae_ext.reparameterize.default, (mu, logvar, eps, 2, None, None))
     torch.library.opcheck(torch.ops.vae_ext.reparameterize.default, (mu, logvar, None, 3, 17, None))
+    # eps requiring grad (its autograd edge exists only when eps is given) and mu alone requiring grad
+    torch.library.opcheck(torch.ops.vae_ext.reparameterize.default,
+                          (mu, logvar.detach(), eps.clone().requires_grad_(), 2, None, None))
+    torch.library.opcheck(torch.ops.vae_ext.reparameterize.default, (mu, logvar.detach(), None, 1, 5, None))
     g, z = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
     torch.library.opcheck(torch.ops.vae_ext.reparameterize_backward.default, (g, z, mu.detach()))
 
@@ -265,6 +269,12 @@ def test_torch_compile_fullgraph():
     m = mu.clone().requires_grad_()
     f(m, logvar, eps).backward()
     torch.testing.assert_close(m.grad, torch.full_like(mu, 2.0))
+    # compiled backward of every input, against the closed form
+    m, lv, e = mu.clone().requires_grad_(), logvar.clone().requires_grad_(), eps.clone().requires_grad_()
+    f(m, lv, e).backward()
+    std = torch.exp(0.5 * logvar)
+    torch.testing.assert_close(lv.grad, 0.5 * eps * std)
+    torch.testing.assert_close(e.grad, std)
 
 
 def test_torch_compile_draws_fresh_samples():

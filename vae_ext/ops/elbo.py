@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from vae_ext import _backend, reference
 from vae_ext._types import ELBO
@@ -204,11 +203,10 @@ def _op_args(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, p
             ignore_index, needs)
 
 
-_GRAD_NAMES = ("recon", "mu", "logvar", "prior_mu", "prior_logvar", "obs_logvar")
 
 
 def _register() -> None:
-    """Fake (meta) kernels and autograd for the compiled ops."""
+    """Fake (meta) kernels for the compiled ops (their autograd is in C++)."""
 
     @torch.library.register_fake("vae_ext::elbo_forward")
     def _(recon, target, mu, logvar, prior_mu, prior_logvar, obs_logvar, likelihood, reduction, beta, free_bits,
@@ -236,72 +234,10 @@ def _register() -> None:
                      lambda: "elbo_scale_grad: scale must have 1 or B elements")
         return grad.new_empty(grad.shape)
 
-    def setup_context(ctx, inputs, output):
-        recon, obs_logvar, beta = inputs[0], inputs[6], inputs[9]
-        buffers = output[3:]
-        ctx.mark_non_differentiable(*buffers)
-        ctx.set_materialize_grads(False)  # unused outputs: None, not a zero tensor of the buffer's size
-        ctx.save_for_backward(*buffers)
-        ctx.beta = beta
-        ctx.obs_rows = None if obs_logvar is None else obs_logvar.shape[0]
-        ctx.batch = recon.shape[0]
-        ctx.requested = list(inputs[12])
-
-    def backward(ctx, g_loss, g_recon, g_kl, *_unused):
-        # The buffers hold d(reduced recon)/d(input) and d(reduced kl)/d(input), computed by the
-        # forward. Each row is multiplied by its upstream gradient: recon group g_loss + g_recon,
-        # latent group beta * g_loss + g_kl. Where that is exactly 1 everywhere (loss.backward()
-        # of a 'mean' or 'sum' loss) the buffer is the gradient as it is: no pass over memory.
-        buffers = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        scales = (_add(g_loss, g_recon, 1.0), _add(g_loss, g_kl, ctx.beta))
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not any(
-                is_fake(s) for s in scales if s is not None):
-            raise RuntimeError("vae_ext.elbo_loss: double backward (create_graph=True) is not supported")
-        is_one = _all_ones(scales)
-        grads = [None] * 13
-        for k, (name, index, buf) in enumerate(zip(_GRAD_NAMES, (0, 2, 3, 4, 5, 6), buffers)):
-            if not needs[index]:
-                continue
-            if not ctx.requested[k]:
-                raise RuntimeError(f"vae_ext.elbo_forward: the gradient of {name} is needed but was not "
-                                   f"requested in needs_grad")
-            group = 0 if name in ("recon", "obs_logvar") else 1
-            scale = scales[group]
-            if scale is None:
-                grad = torch.zeros_like(buf)
-            elif is_one[group]:
-                grad = buf
-            else:
-                grad = torch.ops.vae_ext.elbo_scale_grad(buf, scale)
-            if name == "obs_logvar" and ctx.obs_rows != ctx.batch:
-                grad = grad.sum(0, keepdim=True)
-            grads[index] = grad
-        return tuple(grads)
-
-    torch.library.register_autograd("vae_ext::elbo_forward", backward, setup_context=setup_context)
-
-
-def _all_ones(scales) -> tuple[bool, bool]:
-    """Whether each upstream scale is exactly 1 everywhere: one host sync on CUDA. While
-    torch.compile / export traces (or a CUDA graph captures) the answer is "no": the
-    multiply stays in the graph, where the compiler may fuse it."""
-    present = [s for s in scales if s is not None]
-    if not present or torch.compiler.is_compiling() or any(is_fake(s) for s in present):
-        return False, False
-    if present[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return False, False
-    flags = torch.stack([(s == 1).all() for s in present]).tolist()
-    it = iter(flags)
-    return tuple(bool(next(it)) if s is not None else False for s in scales)
-
-
-def _add(g_loss, g_part, weight):
-    """weight * g_loss + g_part, with None for a missing upstream gradient."""
-    if g_loss is None:
-        return g_part
-    scaled = g_loss if weight == 1.0 else g_loss * weight
-    return scaled if g_part is None else scaled + g_part
+    # Autograd is registered in C++ (csrc/elbo/elbo_autograd.cpp): the backward multiplies each
+    # gradient buffer by its group's upstream gradient (recon group g_loss + g_recon, latent group
+    # beta * g_loss + g_kl), or returns it as it is where that is exactly 1 (loss.backward() of a
+    # 'mean' or 'sum' loss: no pass over memory).
 
 
 if _backend.extension_loaded() and _has_kernel():

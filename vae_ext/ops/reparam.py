@@ -84,7 +84,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | N
 
 
 def _register() -> None:
-    """Fake (meta) kernels and autograd for the compiled ops."""
+    """Fake (meta) kernels for the compiled ops (their autograd is in C++)."""
 
     @torch.library.register_fake("vae_ext::reparameterize")
     def _(mu, logvar, eps, num_samples, seed, generator):
@@ -97,22 +97,7 @@ def _register() -> None:
         torch._check(grad_z.shape == z.shape, lambda: "reparameterize_backward: grad_z must have the shape of z")
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
-    def setup_context(ctx, inputs, output):
-        mu, logvar, eps, _num_samples, _seed, _generator = inputs
-        # z - mu = eps * std: the output stands in for eps; logvar only when eps needs a gradient.
-        ctx.save_for_backward(mu, output, logvar if eps is not None and eps.requires_grad else None)
-
-    def backward(ctx, grad_z):
-        mu, z, logvar = ctx.saved_tensors
-        need_mu, need_logvar, need_eps = ctx.needs_input_grad[:3]
-        grad_mu = grad_logvar = grad_eps = None
-        if need_mu or need_logvar:
-            grad_mu, grad_logvar = torch.ops.vae_ext.reparameterize_backward(grad_z, z, mu)
-        if need_eps:
-            grad_eps = grad_z * torch.exp(0.5 * logvar)
-        return (grad_mu if need_mu else None, grad_logvar if need_logvar else None, grad_eps, None, None, None)
-
-    torch.library.register_autograd("vae_ext::reparameterize", backward, setup_context=setup_context)
+    # Autograd is registered in C++ (csrc/reparam/reparam_autograd.cpp): no Python round trip per call.
 
 
 if _backend.extension_loaded():
