@@ -450,6 +450,26 @@ def test_attn_mask_gradient_runs_the_reference():
     torch.testing.assert_close(out, reference.masked_attention(q, k, v, attn_mask=m.detach()))
 
 
+def test_op_autograd_edges():
+    """The C++ autograd node: gradients only where asked, and a float mask requiring grad is refused
+    (its autograd edge exists only when a mask is given)."""
+    q, k, v, _, kpm, _ = _make(2, 4, 2, 9, 13, 8, torch.float64, "cpu", seed=2, masks="padding")
+    op = torch.ops.vae_ext.masked_attention_forward
+    kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+    out, _, _ = op(q, kk, vv, None, kpm, False, 0.35, 0.0, None, None)
+    g = torch.randn_like(out)
+    dk, dv = torch.autograd.grad(out, (kk, vv), g)
+    k2, v2 = k.clone().requires_grad_(), v.clone().requires_grad_()
+    want = reference.masked_attention(q, k2, v2, key_padding_mask=kpm, scale=0.35)
+    dk2, dv2 = torch.autograd.grad(want, (k2, v2), g)
+    torch.testing.assert_close(dk, dk2)
+    torch.testing.assert_close(dv, dv2)
+    fm = torch.randn(4, 9, 13, dtype=torch.float64, requires_grad=True)
+    out, _, _ = op(q.clone().requires_grad_(), k, v, fm, None, False, 0.35, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="float attn_mask"):
+        out.sum().backward()
+
+
 def test_opcheck():
     q, k, v, am, kpm, causal = _make(2, 4, 2, 9, 13, 8, torch.float32, "cpu", seed=1, masks="causal+padding")
     q, k, v = (t.requires_grad_() for t in (q, k, v))

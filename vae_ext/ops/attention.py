@@ -145,7 +145,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 
 def _register() -> None:
-    """Fake (meta) kernels and autograd for the compiled ops."""
+    """Fake (meta) kernels for the compiled ops (their autograd is in C++)."""
 
     @torch.library.register_fake("vae_ext::masked_attention_forward")
     def _(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, generator):
@@ -166,28 +166,7 @@ def _register() -> None:
         torch._check(grad_out.shape == q.shape, lambda: "masked_attention_backward: grad_out must have q's shape")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, _seed, _generator = inputs
-        out, lse, rng_state = output
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, attn_mask, key_padding_mask)
-        ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
-        ctx.mark_non_differentiable(lse, rng_state)
-
-    def backward(ctx, grad_out, _grad_lse, _grad_rng):
-        q, k, v, out, lse, rng_state, attn_mask, key_padding_mask = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if need[3]:
-            raise RuntimeError(f"{OP}: the compiled kernels do not compute a gradient for a float attn_mask; "
-                               "vae_ext.masked_attention runs the reference for such a mask")
-        if not any(need[:3]):
-            return None, None, None, None, None, None, None, None, None, None
-        dq, dk, dv = torch.ops.vae_ext.masked_attention_backward(
-            grad_out, q, k, v, out, lse, rng_state, attn_mask, key_padding_mask, ctx.is_causal, ctx.scale,
-            ctx.dropout_p)
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None, None, None, None)
-
-    torch.library.register_autograd("vae_ext::masked_attention_forward", backward, setup_context=setup_context)
+    # Autograd is registered in C++ (csrc/attention/attention_autograd.cpp): no Python round trip per call.
 
 
 if _has_kernel():
