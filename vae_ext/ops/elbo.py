@@ -158,6 +158,11 @@ def _fused(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, pri
     return ELBO(out[0], out[1], out[2])
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; no op call when it already is (a no-op .to still costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _op_args(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, prior_logvar, free_bits, ignore_index,
              obs_logvar) -> tuple:
     """The arguments of torch.ops.vae_ext.elbo_forward for (validated) elbo_loss inputs.
@@ -180,9 +185,9 @@ def _op_args(recon, target, mu, logvar, likelihood, beta, reduction, prior_mu, p
 
     needs = [_needs_grad(recon), _needs_grad(mu), _needs_grad(logvar), _needs_grad(prior_mu),
              _needs_grad(prior_logvar), _needs_grad(obs_logvar)]
-    recon_in = recon.to(recon_dtype)
-    target_in = target if likelihood == "categorical" else target.to(recon_dtype)
-    mu_in, logvar_in = mu.to(latent_dtype), logvar.to(latent_dtype)
+    recon_in = _to(recon, recon_dtype)
+    target_in = target if likelihood == "categorical" else _to(target, recon_dtype)
+    mu_in, logvar_in = _to(mu, latent_dtype), _to(logvar, latent_dtype)
     pm_in = plv_in = None
     if prior_mu is not None or prior_logvar is not None:
         row_zeros = torch.zeros((1, *mu.shape[1:]), dtype=latent_dtype, device=mu.device)
