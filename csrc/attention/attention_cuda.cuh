@@ -271,8 +271,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 
   const MaskCtx mask = make_mask_ctx(p, b, h);
   const int q_rows = min(kBlockM, p.q_len - m0);
-  int n_end = mask.kv_limit;  // keys [0, n_end) may be visible to this tile
-  if (p.is_causal) n_end = min(n_end, m0 + q_rows);
+  const int n_end = mask.key_end(m0, q_rows);  // keys [0, n_end) may be visible to this tile
   const int n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
 
   uint16_t* out = static_cast<uint16_t*>(p.out) + (static_cast<int64_t>(bh) * p.q_len + m0) * d;
@@ -685,8 +684,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   const MaskCtx mask = make_mask_ctx(p, b, h);
   const int q_rows = min(kBlockM, p.q_len - m0);
-  int n_end = mask.kv_limit;
-  if (p.is_causal) n_end = min(n_end, m0 + q_rows);
+  const int n_end = mask.key_end(m0, q_rows);  // keys [0, n_end) may be visible to this tile
   const int n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
   uint16_t* dq_out = static_cast<uint16_t*>(bp.dq) + (static_cast<int64_t>(bh) * p.q_len + m0) * d;
   if (n_tiles == 0) {

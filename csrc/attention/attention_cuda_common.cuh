@@ -138,6 +138,10 @@ struct MaskCtx {
 
   VAE_DEV bool key_ok(int j) const { return j < kv_limit && (key_padding == nullptr || key_padding[j] == 0); }
 
+  // Keys [0, key_end) may be visible to the query rows [m0, m0 + rows): the causal
+  // mask hides every key past the tile's last row.
+  VAE_DEV int key_end(int m0, int rows) const { return causal ? min(kv_limit, m0 + rows) : kv_limit; }
+
   VAE_DEV float pair_term(int i, int j) const {
     if (causal && j > i) return -INFINITY;
     if (kind == MaskKind::kNone) return 0.f;

@@ -46,8 +46,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
 
   const MaskCtx mask = make_mask_ctx(p, b, h);
   const int q_rows = min(kBlockRows, p.q_len - m0);
-  int n_end = mask.kv_limit;
-  if (p.is_causal) n_end = min(n_end, m0 + q_rows);
+  const int n_end = mask.key_end(m0, q_rows);  // keys [0, n_end) may be visible to this tile
   const int64_t out_row0 = static_cast<int64_t>(bh) * p.q_len + m0;
 
   float* sQ = reinterpret_cast<float*>(dev::dynamic_smem());  // [kBlockRows][d]
@@ -155,8 +154,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
 
   const MaskCtx mask = make_mask_ctx(p, b, h);
   const int q_rows = min(kBlockRows, p.q_len - m0);
-  int n_end = mask.kv_limit;
-  if (p.is_causal) n_end = min(n_end, m0 + q_rows);
+  const int n_end = mask.key_end(m0, q_rows);  // keys [0, n_end) may be visible to this tile
   const int64_t row0 = static_cast<int64_t>(bh) * p.q_len + m0;
 
   float* sQ = reinterpret_cast<float*>(dev::dynamic_smem());  // [kBlockRows][d]
