@@ -12,9 +12,9 @@
 // pointer that is not null, the gradient of the *reduced* loss for an upstream
 // gradient of 1: d recon / d input (recon group) and d kl / d input (latent
 // group), i.e. the per-element derivatives times grad_factor (1/B for 'mean').
-// The backward multiplies each row by its upstream scale (elbo_scale_grad), or
-// returns the buffer as it is when every scale is exactly 1 (loss.backward()
-// of a 'mean' or 'sum' loss).
+// The backward multiplies each row by its upstream scale (elbo_scale_grad); on
+// the CPU it returns the buffer as it is when every scale is exactly 1
+// (loss.backward() of a 'mean' or 'sum' loss). See elbo_autograd.cpp.
 //
 // Determinism: every partial sum covers a fixed range of elements (independent
 // of the thread or block count) and partials are combined in a fixed order, so

@@ -4,10 +4,11 @@
 // kernel registered from Python); its six gradient buffers are the gradients of
 // the reduced recon and kl parts for an upstream gradient of 1. The backward
 // scales each buffer by its group's upstream gradient (recon group: g_loss +
-// g_recon; latent group: beta * g_loss + g_kl) with vae_ext::elbo_scale_grad, or
-// returns it as it is when that gradient is exactly 1 (loss.backward() of a
-// 'mean' or 'sum' loss: one host sync on CUDA, skipped while tracing or
-// capturing a CUDA graph, where the multiply stays in the graph).
+// g_recon; latent group: beta * g_loss + g_kl) with vae_ext::elbo_scale_grad. On
+// the CPU, where reading that gradient costs nothing, a buffer is returned as it
+// is when the gradient is exactly 1 (loss.backward() of a 'mean' or 'sum' loss).
+// On CUDA the scale always runs: one pass over the buffer, asynchronous, where
+// the check would stall the stream with a host sync every step.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
@@ -16,10 +17,6 @@
 #include <array>
 #include <optional>
 #include <tuple>
-
-#ifdef VAE_EXT_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#endif
 
 namespace vae_ext {
 namespace {
@@ -70,28 +67,10 @@ at::Tensor combine(const at::Tensor& g_loss, const at::Tensor& g_part, double we
   return g_part.defined() ? scaled.add(g_part) : scaled;
 }
 
-// Whether each defined scale is exactly 1 everywhere (false while tracing or capturing).
-std::array<bool, 2> all_ones(const std::array<at::Tensor, 2>& scales) {
-  std::array<bool, 2> out{false, false};
-  std::vector<at::Tensor> checks;
-  for (const at::Tensor& s : scales) {
-    if (!s.defined()) continue;
-    if (is_traced(s)) return out;
-#ifdef VAE_EXT_WITH_CUDA
-    if (s.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-      return out;
-    }
-#endif
-    checks.push_back(s.eq(1).all());
-  }
-  if (checks.empty()) return out;
-  const at::Tensor flags = at::stack(checks).cpu();
-  const bool* f = flags.const_data_ptr<bool>();
-  size_t k = 0;
-  for (int g = 0; g < 2; ++g) {
-    if (scales[g].defined()) out[g] = f[k++];
-  }
-  return out;
+// Whether a scale is exactly 1 everywhere, asked only of CPU tensors with readable
+// values (false on CUDA, and while tracing, where the multiply stays in the graph).
+bool all_ones(const at::Tensor& s) {
+  return s.defined() && s.is_cpu() && !is_traced(s) && s.eq(1).all().item<bool>();
 }
 
 class ElboForward : public torch::autograd::Function<ElboForward> {
@@ -138,7 +117,7 @@ class ElboForward : public torch::autograd::Function<ElboForward> {
       TORCH_CHECK(!(s.defined() && at::GradMode::is_enabled() && !is_traced(s)),
                   "vae_ext.elbo_loss: double backward (create_graph=True) is not supported");
     }
-    const std::array<bool, 2> is_one = all_ones(scales);
+    const std::array<bool, 2> is_one{all_ones(scales[0]), all_ones(scales[1])};
     variable_list result(13);
     for (int k = 0; k < 6; ++k) {
       const int64_t edge = k < 3 ? int64_t{kArgIndex[k]} : ctx->saved_data[std::string("edge_") + kGradNames[k]].toInt();

@@ -71,9 +71,9 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
 
     Fused path (compiled kernels): one pass over the inputs computes the loss and, for every
     input that requires grad (while grad mode is on), the gradient of the reduced recon and
-    kl parts; the backward multiplies them by the upstream gradients, or returns them as
-    they are when those are exactly 1 (loss.backward() of a 'mean' or 'sum' loss; this check
-    is one host sync on CUDA). Gradients are kept from forward to backward (the size of the
+    kl parts; the backward multiplies them by the upstream gradients (on CUDA always, with no
+    host sync; on the CPU it returns them as they are when those are exactly 1, as for
+    loss.backward() of a 'mean' or 'sum' loss). Gradients are kept from forward to backward (the size of the
     inputs that require grad). Results are bitwise reproducible run to run. Double backward
     is not supported. Under torch.compile the class-id range check is skipped (an id out of
     range then gives a NaN loss for its sample).
