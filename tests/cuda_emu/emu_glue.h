@@ -23,6 +23,7 @@
 
 #include "common/cuda_emu_host.h"
 #include "common/dtype.h"
+#include "common/torch_utils.h"
 
 namespace vae_ext::emu_glue {
 
@@ -67,14 +68,6 @@ inline std::optional<at::Tensor> to_device(const std::optional<at::Tensor>& t) {
   return to_device(*t);
 }
 
-inline DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "vae_ext_emu: unsupported dtype ", t.scalar_type());
-  }
-}
+inline DType dtype_of(const at::Tensor& t) { return to_dtype(t.scalar_type(), "vae_ext_emu"); }
 
 }  // namespace vae_ext::emu_glue
