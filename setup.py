@@ -97,9 +97,7 @@ def make_extension():
         cpp_extension.CUDA_HOME = cuda_home  # in case torch.utils.cpp_extension was imported before
 
     cpu_arch, arch_flags = cpu_arch_flags()
-    sources = ["csrc/ops.cpp", "csrc/common/torch_utils.cpp"]
-    sources += sorted(glob.glob("csrc/*/*_cpu.cpp"))
-    sources += sorted(p for p in glob.glob("csrc/*/*.cpp") if not p.endswith("_cpu.cpp") and "common/" not in p)
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     defines = [
         f'-DVAE_EXT_CPU_ARCH="{cpu_arch}"',
         f'-DVAE_EXT_BUILT_WITH_TORCH="{torch.__version__}"',

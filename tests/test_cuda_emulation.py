@@ -1,8 +1,9 @@
 """The project's CUDA kernels run on the CPU under the CUDA emulation
-(csrc/common/cuda_emu.h, harness in tests/cuda_emu/): first the emulator's own
+(tests/cuda_emu/cuda_emu.h, harness in tests/cuda_emu/): first the emulator's own
 tests (tensor-core fragments, warp collectives, barriers, atomics, and kernels
 that break the rules), then every CUDA kernel against its CPU kernel."""
 
+import contextlib
 import math
 
 import pytest
@@ -189,11 +190,30 @@ def test_barrier_orders_shared_memory(emu):
     assert torch.equal(out, expected)
 
 
-def test_missing_barrier_reads_poison(emu):
+@contextlib.contextmanager
+def _checks(emu, racecheck, counters=False):
+    old = emu.set_checks(racecheck, counters)
+    try:
+        yield
+    finally:
+        emu.set_checks(bool(old[0]), bool(old[1]))
+
+
+def test_missing_barrier_is_reported_as_a_race(emu):
+    # Thread 0 runs first and reads slot 1 before thread 1 writes it: the write comes after another
+    # thread's read with no barrier between, which the race detector names with both source lines.
+    with pytest.raises(RuntimeError, match=r"thread \(1,0,0\).*shared-memory race \(write after read\) on byte 4 of "
+                       r"dynamic shared memory: thread \(0,0,0\) \[warp 0 lane 0\] read it at selftest.cu:\d+ in "
+                       r".*neighbour_kernel, then this thread wrote it at selftest.cu:\d+"):
+        emu.selftest_neighbours(2, 64, False)
+
+
+def test_missing_barrier_reads_poison_without_racecheck(emu):
     # Without the barrier a thread reads its neighbour's slot before (even blocks run threads in order) or
     # after (odd blocks, reverse order) the neighbour wrote it: every block shows the race.
     n, blocks = 64, 2
-    out = emu.selftest_neighbours(blocks, n, False).view(blocks, n)
+    with _checks(emu, racecheck=False):
+        out = emu.selftest_neighbours(blocks, n, False).view(blocks, n)
     assert torch.isnan(out).any(dim=1).all()
 
 
@@ -202,8 +222,82 @@ def test_cp_async(emu):
     rolled = x.view(64, 4).roll(-1, dims=0).flatten()
     assert torch.equal(emu.selftest_cp_async_copy(x, True, True), rolled)
     assert torch.equal(emu.selftest_cp_async_copy(x, True, False), torch.zeros_like(x))  # pred false: zero fill
-    # Without cp.async.wait_group the copies have not landed when other threads read them.
-    assert torch.isnan(emu.selftest_cp_async_copy(x, False, True)).any()
+    # Without cp.async.wait_group the copies have not landed when other threads read them: a race.
+    with pytest.raises(RuntimeError, match=r"shared-memory race \(write after read\).*the shared-memory write of a cp.async"):
+        emu.selftest_cp_async_copy(x, False, True)
+    with _checks(emu, racecheck=False):
+        assert torch.isnan(emu.selftest_cp_async_copy(x, False, True)).any()
+
+
+# (case of selftest.cu's race_kernel, the hazard it plants)
+RACES = [  # (which hazard is seen first depends on the order the emulator runs the threads in)
+    (0, r"(read after write|write after read)\) on byte \d+ of dynamic shared memory: thread \(\d+,0,0\) "
+        r"\[warp \d lane \d+\] (wrote|read) it at selftest.cu:\d+ in .*race_kernel, then this thread"),
+    (1, r"write after read\) on byte \d+ of dynamic"),
+    (2, r"write after write\) on byte [0-3] of dynamic.*thread \(0,0,0\) \[warp 0 lane 0\] wrote it"),
+    (3, r"(read after write|write after read)\).*no __syncthreads or __syncwarp of both lanes between them"),
+    (4, r"(read after write|write after read)\).*\[warp 0 lane \d+\] (wrote|read) it.*__syncwarp of both lanes"),
+    (5, r"(read after write|write after read)\).*(at|the shared-memory write of a) cp.async \(selftest.cu:\d+\)"),
+    (6, r"(read after write|write after read)\) on byte \d+ of static shared memory"),
+    (7, r"(read after write|write after read)\).*(read|wrote) it at ldmatrix.x4 \(selftest.cu:\d+\)"),
+]
+
+
+@pytest.mark.parametrize("what, message", RACES, ids=["raw", "war", "waw", "warp_raw", "partial_syncwarp",
+                                                      "cp_async_no_wait", "static_smem", "ldmatrix"])
+def test_planted_race_is_caught_and_its_fix_is_clean(emu, what, message):
+    with pytest.raises(RuntimeError, match=r"shared-memory race \(" + message):
+        emu.selftest_race(what, False)
+    out = emu.selftest_race(what, True)  # the same kernel with the synchronisation it lacked: no report
+    assert not torch.isnan(out).any()
+    assert emu.selftest_noop(2, [32, 1, 1]) == 64  # the emulator recovers
+
+
+def test_shared_memory_atomics_do_not_race(emu):
+    assert torch.equal(emu.selftest_race(8, False), torch.full((64,), 64.0))
+
+
+def _counters(emu):
+    rows = {}
+    for line in emu.counters().splitlines():
+        name, *fields = line.split("\t")
+        rows[name] = {k: int(v) for k, v in (f.split("=") for f in fields)}
+    return rows
+
+
+def test_counters_see_coalescing_and_bank_conflicts(emu):
+    def measure(pattern):
+        emu.reset_counters()
+        with _checks(emu, racecheck=True, counters=True):
+            emu.selftest_pattern(pattern)
+        (row,) = [r for name, r in _counters(emu).items() if "pattern_kernel" in name or "kernel(int" in name]
+        return row
+
+    coalesced = measure(0)  # 32 lanes x 4 bytes: 4 sectors for the load, 4 for the store
+    assert coalesced["global_requests"] == 2 and coalesced["global_sectors"] == 8
+    assert coalesced["global_ideal_sectors"] == 8
+    strided = measure(1)    # stride 2: the load spans 8 sectors for 4 sectors' worth of bytes
+    assert strided["global_sectors"] == 8 + 4 and strided["global_ideal_sectors"] == 4 + 4
+    conflict = measure(2)   # 32 lanes on one bank: 32 passes
+    assert conflict["shared_requests"] == 1 and conflict["shared_wavefronts"] == 32
+    assert conflict["shared_ideal_wavefronts"] == 1
+    vector = measure(3)     # float4 stores: 4 quarter-warp phases, conflict-free
+    assert vector["shared_wavefronts"] == 4 and vector["shared_ideal_wavefronts"] == 4
+    wide = measure(4)       # 16-byte loads: 512 bytes in 16 sectors
+    assert wide["global_sectors"] == 16 + 4
+
+
+def test_counters_count_mma_ldmatrix_and_barriers(emu):
+    emu.reset_counters()
+    a = torch.randn(64, 32).to(torch.bfloat16)
+    b = torch.randn(32, 32).to(torch.bfloat16)
+    with _checks(emu, racecheck=True, counters=True):
+        emu.selftest_mma_matmul(a, b, False)
+    (row,) = [r for name, r in _counters(emu).items() if "mma_matmul_kernel" in name or r.get("mma")]
+    # 4 warps, each 16 rows x 32 cols with K = 32: 4 column tiles x 2 k-steps of m16n8k16
+    assert row["mma"] == 4 * 4 * 2
+    assert row["ldmatrix"] > 0 and row["ldmatrix_wavefronts"] == row["ldmatrix_ideal_wavefronts"]
+    assert row["barriers"] >= 1 and row["cp_async_requests"] > 0
 
 
 def test_dynamic_shared_memory_limits(emu):

@@ -84,7 +84,7 @@
 //
 // Why hand-written mma.sync rather than CUTLASS/CuTe: the kernels must also
 // build as plain C++ against the CPU emulation of the CUDA execution model
-// (common/cuda_emu.h), which is how CI runs them without a GPU; CuTe's
+// (tests/cuda_emu/cuda_emu.h), which is how CI runs them without a GPU; CuTe's
 // architecture-specific atoms do not build there, while four primitives
 // (mma.sync, ldmatrix, cp.async, shuffles) are easy to emulate exactly. mma.sync
 // with ldmatrix is also what FlashAttention-2 itself runs on A100 and H100, and

@@ -1,11 +1,11 @@
 // Kernel launches go through launch() rather than <<<...>>>, so that the same
 // .cu sources also build as plain C++ against the CPU emulation of the CUDA
-// execution model (VAE_EXT_CUDA_EMULATION, see common/cuda_emu.h), which the
+// execution model (VAE_EXT_CUDA_EMULATION, see tests/cuda_emu/cuda_emu.h), which the
 // tests use to run the CUDA kernels on machines without a GPU.
 #pragma once
 
 #if defined(VAE_EXT_CUDA_EMULATION)
-#include "common/cuda_emu.h"  // before the CUDA headers
+#include "cuda_emu.h"  // before the CUDA headers
 #endif
 
 #include <cuda_runtime.h>

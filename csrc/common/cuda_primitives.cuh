@@ -1,7 +1,7 @@
 // Warp-level building blocks of the tensor-core kernels (sm_80+): mma.sync,
 // ldmatrix, cp.async, and dynamic shared memory. Each is inline PTX on the
 // device and, under VAE_EXT_CUDA_EMULATION, a CPU emulation with the same
-// semantics (common/cuda_emu.h), so the kernels' fragment and tile logic can be
+// semantics (tests/cuda_emu/cuda_emu.h), so the kernels' fragment and tile logic can be
 // tested without a GPU. Fragment layouts are those of the PTX ISA:
 //
 // mma.m16n8k16 (A row-major 16x16, B "col" = K-major 16x8, C/D 16x8 fp32),
@@ -17,7 +17,7 @@
 #pragma once
 
 #if defined(VAE_EXT_CUDA_EMULATION)
-#include "common/cuda_emu.h"  // before the CUDA headers
+#include "cuda_emu.h"  // before the CUDA headers
 #endif
 
 #include <cuda_bf16.h>

@@ -21,7 +21,7 @@
 #include <optional>
 #include <vector>
 
-#include "common/cuda_emu_host.h"
+#include "cuda_emu_host.h"
 #include "common/dtype.h"
 #include "common/torch_utils.h"
 

@@ -1,4 +1,5 @@
 // The emulator's own ops: device memory for Python tests, device settings, counters.
+#include <string>
 #include <vector>
 
 #include "emu_glue.h"
@@ -21,6 +22,18 @@ std::vector<int64_t> stats() {
           static_cast<int64_t>(s.context_switches)};
 }
 
+// Turns the race detector and the counters on or off; returns the previous settings.
+std::vector<int64_t> set_checks(bool racecheck, bool counters) {
+  const std::vector<int64_t> old{emu::config().racecheck, emu::config().counters};
+  emu::config().racecheck = racecheck;
+  emu::config().counters = counters;
+  return old;
+}
+
+void reset_counters() { emu::reset_counters(); }
+
+std::string counters() { return emu::counters_report(); }
+
 at::Tensor to_device_op(const at::Tensor& t) { return to_device(t); }
 
 at::Tensor device_empty_op(at::IntArrayRef sizes, at::ScalarType dtype, int64_t misalign) {
@@ -32,6 +45,9 @@ at::Tensor device_empty_op(at::IntArrayRef sizes, at::ScalarType dtype, int64_t 
 TORCH_LIBRARY_FRAGMENT(vae_ext_emu, m) {
   m.def("set_num_sms(int n) -> int", &set_num_sms);
   m.def("stats() -> int[]", &stats);  // launches, blocks, threads, context switches
+  m.def("set_checks(bool racecheck, bool counters) -> int[]", &set_checks);
+  m.def("reset_counters() -> ()", &reset_counters);
+  m.def("counters() -> str", &counters);  // one line per kernel: name, then tab-separated field=value
   m.def("to_device(Tensor t) -> Tensor", &to_device_op);
   m.def("device_empty(int[] sizes, ScalarType dtype, int misalign=0) -> Tensor", &device_empty_op);
 }

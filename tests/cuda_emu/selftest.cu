@@ -332,6 +332,93 @@ __global__ void noop_kernel(int* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = static_cast<int>(gridDim.x * blockDim.x * blockDim.y * blockDim.z);
 }
 
+
+// ---------------------------------------------------------------- planted races (and their fixed twins)
+// Each case is a pattern compute-sanitizer's racecheck reports; with fixed = true the missing
+// synchronisation is there and the kernel is clean. Block of 64 threads (two warps).
+__global__ void race_kernel(int what, bool fixed, float* out) {
+  float* s = reinterpret_cast<float*>(dev::dynamic_smem());
+  __shared__ float st[64];
+  const int t = threadIdx.x;
+  float r = 0.0f;
+  switch (what) {
+    case 0:  // read after write across warps: t reads what t ^ 32 wrote
+      s[t] = static_cast<float>(t);
+      if (fixed) __syncthreads();
+      r = s[t ^ 32];
+      break;
+    case 1:  // write after read: t reads slot t + 1, then overwrites its own slot
+      s[t] = 1.0f;
+      __syncthreads();
+      r = s[(t + 1) % 64];
+      if (fixed) __syncthreads();
+      s[t] = 2.0f;
+      break;
+    case 2:  // write after write: two threads store to one word
+      s[fixed ? t : t / 2] = static_cast<float>(t);
+      r = 1.0f;
+      break;
+    case 3:  // within a warp: lane reads lane ^ 1's value; __syncwarp is what orders them
+      s[t] = static_cast<float>(t);
+      if (fixed) __syncwarp();
+      r = s[t ^ 1];
+      break;
+    case 4:  // a __syncwarp whose mask leaves out the writer does not order the access
+      if (t < 32) {
+        if (t >= 16) s[t] = static_cast<float>(t);  // lanes 16-31 write, lanes 0-15 read
+        __syncwarp(fixed ? 0xffffffffu : (t < 16 ? 0x0000ffffu : 0xffff0000u));
+        if (t < 16) r = s[t + 16];
+      }
+      break;
+    case 5:  // cp.async that is not waited for before the barrier: other threads read it too early
+      dev::cp_async_16(s + 4 * t, out + 4 * t, true);
+      dev::cp_async_commit();
+      if (fixed) dev::cp_async_wait<0>();
+      __syncthreads();
+      r = s[4 * ((t + 1) % 64)];
+      break;
+    case 6:  // static __shared__ memory
+      st[t] = static_cast<float>(t);
+      if (fixed) __syncthreads();
+      r = st[63 - t];
+      break;
+    case 7:  // ldmatrix of rows other lanes stored (shared-memory reads by the emulator itself)
+      {
+        uint16_t* h = reinterpret_cast<uint16_t*>(s);
+        for (int i = 0; i < 8; ++i) h[t * 8 + i] = static_cast<uint16_t>(t + i);
+        if (fixed) __syncthreads();
+        uint32_t reg[4];
+        dev::ldmatrix_x4(reg, h + ((t + 8) % 64) * 8);
+        r = static_cast<float>(reg[0] & 0xffffu);
+      }
+      break;
+    case 8:  // shared-memory atomics never race with each other
+      if (t == 0) s[0] = 0.0f;
+      __syncthreads();
+      atomicAdd(s, 1.0f);
+      __syncthreads();
+      r = s[0];
+      break;
+  }
+  out[t] = r;
+}
+
+// ---------------------------------------------------------------- access patterns for the counters
+// 32 threads: pattern 0 coalesced float loads, 1 stride-2 loads, 2 shared stores with a stride of 32
+// words (32-way bank conflict), 3 conflict-free float4 shared stores, 4 16-byte global loads.
+__global__ void pattern_kernel(int pattern, const float* in, float* out) {
+  float* s = reinterpret_cast<float*>(dev::dynamic_smem());
+  const int t = threadIdx.x;
+  float v = 0.0f;
+  switch (pattern) {
+    case 0: v = in[t]; break;
+    case 1: v = in[2 * t]; break;
+    case 2: s[32 * t] = 1.0f; break;
+    case 3: reinterpret_cast<float4*>(s)[t] = make_float4(1.0f, 2.0f, 3.0f, 4.0f); break;
+    case 4: { const float4 q = reinterpret_cast<const float4*>(in)[t]; v = q.x + q.y + q.z + q.w; } break;
+  }
+  out[t] = v;
+}
 }  // namespace
 
 void mma_matmul(const void* A, const void* B, float* C, int M, int N, int K, bool bf16, bool b_nk) {
@@ -364,6 +451,10 @@ void spin_wait(int* flag, int* out) { launch(spin_wait_kernel, 1, 64, 0, nullptr
 void neighbours(float* out, int blocks, int threads, bool barrier) {
   launch(neighbour_kernel, blocks, threads, threads * sizeof(float), nullptr, out, barrier);
 }
+
+void race(int what, bool fixed, float* out) { launch(race_kernel, 1, 64, 64 * 16, nullptr, what, fixed, out); }
+
+void pattern(int which, const float* in, float* out) { launch(pattern_kernel, 1, 32, 32 * 32 * 4, nullptr, which, in, out); }
 
 void cp_async_copy(const float* in, float* out, int threads, bool wait, bool pred) {
   launch(cp_async_kernel, 1, threads, threads * 16, nullptr, in, out, wait, pred);

@@ -17,6 +17,8 @@ void partial_warp(const float* x, float* out);
 void exited_lanes(const float* x, float* out);
 void spin_wait(int* flag, int* out);
 void neighbours(float* out, int blocks, int threads, bool barrier);
+void race(int what, bool fixed, float* out);          // out: 256 floats (cp.async source too)
+void pattern(int which, const float* in, float* out);  // in: 128 floats, out: 32
 void cp_async_copy(const float* in, float* out, int threads, bool wait, bool pred);
 void big_smem(float* out, int floats, bool opt_in);
 void noop(int* out, int blocks, int bx, int by, int bz, int smem);

@@ -104,6 +104,19 @@ int64_t noop(int64_t blocks, at::IntArrayRef block, int64_t smem) {
 }
 
 // Runs a kernel that breaks rule `what` on small device buffers of n elements.
+at::Tensor race(int64_t what, bool fixed) {
+  at::Tensor out = to_device(at::arange(256, at::kFloat));
+  st::race(static_cast<int>(what), fixed, out.mutable_data_ptr<float>());
+  return out.narrow(0, 0, 64);
+}
+
+at::Tensor pattern(int64_t which) {
+  const at::Tensor in = to_device(at::arange(128, at::kFloat));
+  at::Tensor out = device_empty({32}, at::kFloat);
+  st::pattern(static_cast<int>(which), in.const_data_ptr<float>(), out.mutable_data_ptr<float>());
+  return out;
+}
+
 void misbehave(const std::string& what, int64_t n) {
   at::Tensor out = device_empty({n}, at::kFloat);
   at::Tensor in = to_device(at::ones({n}, at::kFloat));
@@ -127,6 +140,8 @@ TORCH_LIBRARY_FRAGMENT(vae_ext_emu, m) {
   m.def("selftest_big_smem(int floats, bool opt_in) -> float", &big_smem);
   m.def("selftest_noop(int blocks, int[] block, int smem=0) -> int", &noop);
   m.def("selftest_misbehave(str what, int n) -> ()", &misbehave);
+  m.def("selftest_race(int what, bool fixed) -> Tensor", &race);
+  m.def("selftest_pattern(int which) -> Tensor", &pattern);
 }
 
 }  // namespace vae_ext::emu_glue::selftest

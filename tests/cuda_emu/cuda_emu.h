@@ -3,7 +3,7 @@
 // The project's .cu sources build as plain C++ (g++ -std=c++20, the CUDA
 // headers in host mode) against this header and run their kernels on the CPU
 // with CUDA semantics, so tests without a GPU can run the real CUDA kernels.
-// The runtime lives in common/cuda_emu.cpp; tests/cuda_emu/ builds the .cu
+// The runtime lives in tests/cuda_emu/cuda_emu.cpp; tests/cuda_emu/ builds the .cu
 // sources and this runtime into a torch extension (see tests/cuda_emu/README.md).
 //
 // Model:
@@ -39,24 +39,24 @@
 // (it checks the built library for undefined cuda* symbols).
 //
 // This header must come before any CUDA header in an emulated translation unit:
-// the harness compiles every .cu with `#include "common/cuda_emu.h"` first.
+// the harness compiles every .cu with `#include "cuda_emu.h"` first.
 #ifndef VAE_EXT_COMMON_CUDA_EMU_H_
 #define VAE_EXT_COMMON_CUDA_EMU_H_
 
 #if !defined(VAE_EXT_CUDA_EMULATION)
-#error "common/cuda_emu.h is only for builds with -DVAE_EXT_CUDA_EMULATION"
+#error "tests/cuda_emu/cuda_emu.h is only for builds with -DVAE_EXT_CUDA_EMULATION"
 #endif
 #if defined(__CUDACC__)
 #error "the CUDA emulation is built by a host C++ compiler (g++ -x c++), not nvcc"
 #endif
 #if defined(__CUDA_RUNTIME_H__) || defined(__CUDA_RUNTIME_API_H__)
-#error "common/cuda_emu.h must be included before any CUDA header (the harness force-includes it first)"
+#error "tests/cuda_emu/cuda_emu.h must be included before any CUDA header (the harness force-includes it first)"
 #endif
 #if defined(CUDA_API_PER_THREAD_DEFAULT_STREAM)
 #error "the CUDA emulation does not support CUDA_API_PER_THREAD_DEFAULT_STREAM"
 #endif
 
-// The CUDA runtime functions the emulator implements (common/cuda_emu.cpp), renamed
+// The CUDA runtime functions the emulator implements (tests/cuda_emu/cuda_emu.cpp), renamed
 // so that they never bind to a real libcudart loaded in the same process.
 #define cudaGetLastError vae_ext_emu_cudaGetLastError
 #define cudaPeekAtLastError vae_ext_emu_cudaPeekAtLastError
@@ -88,7 +88,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "common/cuda_emu_host.h"  // device memory, settings, counters
+#include "cuda_emu_host.h"  // device memory, settings, counters
 
 // A failed assert() in a kernel fails the launch (naming the thread and the assertion) instead of aborting
 // the process: glibc's assert macro calls __assert_fail, renamed here to the emulator's.
@@ -107,7 +107,8 @@ extern "C" [[noreturn]] void vae_ext_emu_assert_fail(const char* assertion, cons
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 #undef __shared__
-#define __shared__ static  // one instance for the block that is running
+// One instance for the block that is running, in a section of its own so the race detector knows it.
+#define __shared__ static __attribute__((section("vae_emu_shared")))
 #undef __constant__
 #define __constant__
 #if !defined(__noinline__)
@@ -286,10 +287,12 @@ inline void __nanosleep(unsigned) { ::vae_ext::emu::detail::yield(); }
 
 // ---------------------------------------------------------------- atomics
 // Threads are cooperative fibers on one OS thread and blocks run one at a time,
-// so a plain read-modify-write is atomic.
+// so a plain read-modify-write is atomic. Atomics never race: their accesses are
+// kept from the race detector (not instrumented).
+#define VAE_EMU_ATOMIC inline __attribute__((no_sanitize("thread")))
 
 #define VAE_EMU_ATOMIC_RMW(name, T, expr) \
-  inline T name(T* address, T val) {      \
+  VAE_EMU_ATOMIC T name(T* address, T val) { \
     const T old = *address;               \
     *address = (expr);                    \
     return old;                           \
@@ -327,17 +330,17 @@ VAE_EMU_ATOMIC_RMW(atomicDec, unsigned int, (old == 0u || old > val) ? val : old
 #undef VAE_EMU_ATOMIC_RMW
 
 // 16-bit and vector atomicAdd (sm_70+ / sm_80+ / sm_90): the sum rounded to the element type.
-inline __half atomicAdd(__half* address, __half val) {
+VAE_EMU_ATOMIC __half atomicAdd(__half* address, __half val) {
   const __half old = *address;
   *address = __float2half_rn(__half2float(old) + __half2float(val));
   return old;
 }
-inline __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 val) {
+VAE_EMU_ATOMIC __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 val) {
   const __nv_bfloat16 old = *address;
   *address = __float2bfloat16_rn(__bfloat162float(old) + __bfloat162float(val));
   return old;
 }
-inline __half2 atomicAdd(__half2* address, __half2 val) {
+VAE_EMU_ATOMIC __half2 atomicAdd(__half2* address, __half2 val) {
   const __half2 old = *address;
   __half lo = old.x, hi = old.y;
   atomicAdd(&lo, val.x);
@@ -345,7 +348,7 @@ inline __half2 atomicAdd(__half2* address, __half2 val) {
   *address = __halves2half2(lo, hi);
   return old;
 }
-inline __nv_bfloat162 atomicAdd(__nv_bfloat162* address, __nv_bfloat162 val) {
+VAE_EMU_ATOMIC __nv_bfloat162 atomicAdd(__nv_bfloat162* address, __nv_bfloat162 val) {
   const __nv_bfloat162 old = *address;
   __nv_bfloat16 lo = old.x, hi = old.y;
   atomicAdd(&lo, val.x);
@@ -353,19 +356,19 @@ inline __nv_bfloat162 atomicAdd(__nv_bfloat162* address, __nv_bfloat162 val) {
   *address = __halves2bfloat162(lo, hi);
   return old;
 }
-inline float2 atomicAdd(float2* address, float2 val) {
+VAE_EMU_ATOMIC float2 atomicAdd(float2* address, float2 val) {
   const float2 old = *address;
   *address = make_float2(old.x + val.x, old.y + val.y);
   return old;
 }
-inline float4 atomicAdd(float4* address, float4 val) {
+VAE_EMU_ATOMIC float4 atomicAdd(float4* address, float4 val) {
   const float4 old = *address;
   *address = make_float4(old.x + val.x, old.y + val.y, old.z + val.z, old.w + val.w);
   return old;
 }
 
 #define VAE_EMU_ATOMIC_CAS(T)                            \
-  inline T atomicCAS(T* address, T compare, T val) {     \
+  VAE_EMU_ATOMIC T atomicCAS(T* address, T compare, T val) { \
     const T old = *address;                              \
     if (old == compare) *address = val;                  \
     return old;                                          \

@@ -1,7 +1,7 @@
 // The runtime of the CPU emulation of the CUDA execution model (see
-// common/cuda_emu.h for the model). Built only into emulation builds
+// tests/cuda_emu/cuda_emu.h for the model). Built only into emulation builds
 // (tests/cuda_emu/), never into the extension.
-#include "common/cuda_emu.h"
+#include "cuda_emu.h"
 
 #include <cxxabi.h>
 #include <dlfcn.h>
@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <unordered_map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -173,6 +174,8 @@ void make_context(Context& ctx, char* stack_lo, size_t stack_bytes, void (*fn)(v
 
 struct PendingCopy {
   void* dst;
+  const char* file;  // the cp.async's source position
+  int line;
   uint64_t group;  // commit group: the number of groups committed before it was issued
   unsigned char data[16];
 };
@@ -194,6 +197,14 @@ struct Fiber {
   std::vector<PendingCopy> cp_pending;  // issued cp.async copies not yet written, oldest first
   size_t cp_head = 0;                   // cp_pending[0, cp_head) were written
   uint64_t cp_committed = 0;            // cp.async.commit_group count
+  std::unordered_map<uintptr_t, uint32_t> executions;  // counters: how often it ran each memory instruction
+  // Counters: the thread's latest access, not yet given to its warp's request: the host compiler may split
+  // a 16-byte access (float4, uint4) into scalar ones, which are put back together here.
+  struct {
+    bool valid = false, write = false;
+    uint8_t kind = 0, bytes = 0;
+    uintptr_t site = 0, addr = 0;
+  } pending;
 
   ~Fiber() {
     if (stack_map != nullptr) munmap(stack_map, stack_map_bytes);
@@ -223,11 +234,24 @@ struct LaneIO {
   const void* addr = nullptr;
 };
 
+// Counters: one warp-level memory request being gathered from its lanes.
+enum class ReqKind : uint8_t { kGlobal, kShared, kCpAsync };
+struct Request {
+  ReqKind kind = ReqKind::kGlobal;
+  uint8_t bytes = 0;  // access size of each lane
+  unsigned lanes = 0;
+  uintptr_t addr[32] = {};
+};
+
 struct Warp {
   unsigned existing = 0;  // lanes the block has
   unsigned exited = 0;
   std::vector<Collective> colls;
   LaneIO io[32];
+  // Race detection: the lane masks of the __syncwarp calls completed since the last block barrier.
+  std::vector<unsigned> sync_masks;
+  // Counters: requests by (instruction, execution index), until every lane that can has joined.
+  std::map<std::pair<uintptr_t, uint32_t>, Request> requests;
 };
 
 struct Barrier {
@@ -246,6 +270,24 @@ struct Buffer {
   char* data = nullptr;
   size_t bytes = 0;
   char* guard = nullptr;  // the inaccessible page after the data
+};
+
+// Race detection: who last touched a byte of shared memory. `epoch` is the block-barrier epoch of the
+// access (0: none), `wsync` the number of __syncwarp of the thread's warp completed since that barrier,
+// `site` the instruction (a code address, or a Site* tagged with the top bit for the emulator's own accesses).
+struct Access {
+  uint64_t epoch = 0;
+  uintptr_t site = 0;
+  uint32_t wsync = 0;
+  int32_t thread = -1;
+};
+struct ShadowByte {
+  Access write, read1, read2;  // the last write; the first and the latest other reader since it
+};
+struct Site {
+  const char* what;
+  const char* file;
+  int line;
 };
 
 struct Device {
@@ -283,6 +325,13 @@ struct Device {
   char* smem = nullptr;
   size_t smem_bytes = 0;
   char* smem_guard = nullptr;
+
+  // Memory-access checks (race detection, counters) while a kernel runs.
+  bool checking = false;
+  uint64_t epoch = 0;  // advances at every block start and every completed __syncthreads
+  std::vector<ShadowByte> dyn_shadow, static_shadow;
+  std::map<std::string, KernelCounters> counters;
+  KernelCounters* kc = nullptr;  // the running kernel's
 };
 
 Device& device() {
@@ -345,8 +394,11 @@ Fiber* current_fiber(const char* what) {
   std::abort();  // a failed thread is never resumed
 }
 
+void flush_access(Fiber& f);
+
 void block_current(Fiber* f, const char* what, const char* file, int line) {
   Device& D = device();
+  if (D.checking && D.cfg.counters) flush_access(*f);  // the lanes of a warp meet here
   f->state = FiberState::kBlocked;
   f->wait_what = what;
   f->wait_file = file;
@@ -497,6 +549,281 @@ struct SignalGuard {
   }
 };
 
+// ---------------------------------------------------------------- memory-access checks
+// The kernels are compiled with -fsanitize=thread (tests/cuda_emu/__init__.py), so each of their loads and
+// stores calls a __tsan_read*/__tsan_write* hook (the end of this file). While a kernel runs, the hooks
+// pass shared-memory accesses to the race detector and, with Config::counters, every access to the
+// counters. The emulator's own accesses (ldmatrix, cp.async) are reported from where it makes them.
+
+}  // namespace
+}  // namespace vae_ext::emu
+
+// Static __shared__ variables live in this section (tests/cuda_emu/cuda_emu.h), so they can be told apart.
+extern "C" char __start_vae_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_vae_emu_shared[] __attribute__((weak, visibility("hidden")));
+
+namespace vae_ext::emu {
+namespace {
+
+// Sites of the emulator's own accesses carry the top bit (user-space code addresses never do).
+constexpr uintptr_t kEmuSiteTag = uintptr_t(1) << 63;
+
+uintptr_t emu_site(const char* what, const char* file, int line) {
+  static std::map<std::tuple<const char*, const char*, int>, std::unique_ptr<Site>> sites;
+  auto& s = sites[{what, file, line}];
+  if (!s) s.reset(new Site{what, file, line});
+  return reinterpret_cast<uintptr_t>(s.get()) | kEmuSiteTag;
+}
+
+// "file:line (function)" of a code address in an instrumented kernel, or the emulator's own site.
+std::string describe_site(uintptr_t site_id) {
+  if (site_id & kEmuSiteTag) {
+    const Site* s = reinterpret_cast<const Site*>(site_id & ~kEmuSiteTag);
+    return std::string(s->what) + site(s->file, s->line);
+  }
+  const void* pc = reinterpret_cast<const void*>(site_id - 1);  // inside the call instruction
+  Dl_info info{};
+  if (dladdr(pc, &info) == 0 || info.dli_fname == nullptr) return format("pc %p", pc);
+  const auto offset = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase);
+  std::string where;
+  const std::string cmd = format("addr2line -C -f -i -e '%s' 0x%zx 2>/dev/null", info.dli_fname, offset);
+  if (FILE* p = popen(cmd.c_str(), "r")) {  // only on the error path
+    char line[4096];
+    std::vector<std::string> lines;
+    while (fgets(line, sizeof(line), p) != nullptr) {
+      std::string l(line);
+      while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+      lines.push_back(l);
+    }
+    pclose(p);
+    // Pairs of (function, file:line), innermost inlined frame first: the source line, then its function.
+    if (lines.size() >= 2) {
+      std::string fn = lines[0], loc = lines[1];
+      for (size_t a; (a = fn.find("(anonymous namespace)::")) != std::string::npos;) fn.erase(a, 23);
+      const size_t paren = fn.find('(');
+      if (paren != std::string::npos) fn = fn.substr(0, paren);
+      const size_t slash = loc.rfind('/');
+      if (slash != std::string::npos) loc = loc.substr(slash + 1);
+      const size_t disc = loc.find(" (discriminator");
+      if (disc != std::string::npos) loc = loc.substr(0, disc);
+      where = loc + " in " + fn;
+    }
+  }
+  if (where.empty()) {
+    where = format("pc %p", pc);
+    if (info.dli_sname != nullptr) where += std::string(" in ") + info.dli_sname;
+  }
+  return where;
+}
+
+// Whether access `a` (of another thread) and the running thread's access now have no barrier between them.
+bool unordered(const Access& a, const Fiber& f) {
+  const Device& D = device();
+  if (a.epoch != D.epoch || a.thread < 0 || a.thread == f.index) return false;
+  const Fiber& o = *D.fibers[static_cast<size_t>(a.thread)];
+  if (o.warp != f.warp) return true;
+  const unsigned both = (1u << o.lane) | (1u << f.lane);
+  const std::vector<unsigned>& masks = D.warps[f.warp].sync_masks;
+  for (size_t i = a.wsync; i < masks.size(); ++i) {
+    if ((masks[i] & both) == both) return false;
+  }
+  return true;
+}
+
+[[noreturn]] void report_race(const char* hazard, const char* region, size_t offset, const Access& earlier,
+                              const char* earlier_did, const char* now_did, uintptr_t now_site) {
+  Device& D = device();
+  const Fiber& o = *D.fibers[static_cast<size_t>(earlier.thread)];
+  fail(format("shared-memory race (%s) on byte %zu of %s shared memory: thread (%u,%u,%u) [warp %d lane %d] %s it "
+              "at %s, then this thread %s it at %s, with no __syncthreads%s between them",
+              hazard, offset, region, o.st.thread_idx.x, o.st.thread_idx.y, o.st.thread_idx.z, o.warp, o.lane,
+              earlier_did, describe_site(earlier.site).c_str(), now_did, describe_site(now_site).c_str(),
+              o.warp == D.current->warp ? " or __syncwarp of both lanes" : ""));
+}
+
+// Race detection for an access of `bytes` bytes at p by fiber f (the running one, or a lane of its warp
+// for a warp-wide instruction completed by the running lane).
+void check_shared(Fiber& f, const char* p, size_t bytes, bool write, uintptr_t site_id) {
+  Device& D = device();
+  ShadowByte* shadow = nullptr;
+  const char* region = nullptr;
+  size_t offset = 0;
+  if (p >= D.smem && p + bytes <= D.smem + D.smem_bytes) {
+    shadow = D.dyn_shadow.data();
+    region = "dynamic";
+    offset = static_cast<size_t>(p - D.smem);
+  } else if (__start_vae_emu_shared != nullptr && p >= __start_vae_emu_shared && p + bytes <= __stop_vae_emu_shared) {
+    shadow = D.static_shadow.data();
+    region = "static";
+    offset = static_cast<size_t>(p - __start_vae_emu_shared);
+  } else {
+    return;
+  }
+  Fiber* running = D.current;
+  D.current = &f;  // unordered() and the report see the accessing lane
+  const Access now{D.epoch, site_id, static_cast<uint32_t>(D.warps[f.warp].sync_masks.size()), f.index};
+  for (size_t i = 0; i < bytes; ++i) {
+    ShadowByte& s = shadow[offset + i];
+    if (unordered(s.write, f)) {
+      report_race(write ? "write after write" : "read after write", region, offset + i, s.write, "wrote",
+                  write ? "wrote" : "read", site_id);
+    }
+    if (write) {
+      for (const Access* r : {&s.read1, &s.read2}) {
+        if (unordered(*r, f)) report_race("write after read", region, offset + i, *r, "read", "wrote", site_id);
+      }
+      s.write = now;
+      s.read1.epoch = s.read2.epoch = 0;
+    } else if (s.read1.epoch != D.epoch || s.read1.thread == f.index) {
+      s.read1 = now;
+    } else {
+      s.read2 = now;
+    }
+  }
+  D.current = running;
+}
+
+// ---------------------------------------------------------------- counters
+
+// Bank-conflict passes of one shared-memory request: lanes are served in phases (a quarter warp for
+// 16-byte accesses, half a warp for 8-byte ones, the whole warp otherwise); within a phase, each bank
+// serves one distinct 4-byte word per pass.
+uint64_t shared_wavefronts(const Request& r, uint64_t* ideal) {
+  const int phases = r.bytes > 8 ? 4 : r.bytes > 4 ? 2 : 1;
+  const int per_phase = 32 / phases;
+  uint64_t total = 0;
+  *ideal = 0;
+  for (int ph = 0; ph < phases; ++ph) {
+    std::map<int, std::vector<uintptr_t>> words;  // bank -> distinct words
+    bool any = false;
+    for (int l = ph * per_phase; l < (ph + 1) * per_phase; ++l) {
+      if (!(r.lanes >> l & 1u)) continue;
+      any = true;
+      for (uintptr_t w = r.addr[l] / 4; w <= (r.addr[l] + r.bytes - 1) / 4; ++w) {
+        auto& v = words[static_cast<int>(w % 32)];
+        if (std::find(v.begin(), v.end(), w) == v.end()) v.push_back(w);
+      }
+    }
+    if (!any) continue;
+    size_t worst = 0;
+    for (const auto& [bank, v] : words) worst = std::max(worst, v.size());
+    total += worst;
+    *ideal += 1;
+  }
+  return total;
+}
+
+// Distinct 32-byte sectors of a global request, and the fewest its bytes could occupy.
+uint64_t sectors(const Request& r, uint64_t* ideal) {
+  std::vector<uintptr_t> secs, bytes_seen;
+  for (int l = 0; l < 32; ++l) {
+    if (!(r.lanes >> l & 1u)) continue;
+    for (uintptr_t s = r.addr[l] / 32; s <= (r.addr[l] + r.bytes - 1) / 32; ++s) {
+      if (std::find(secs.begin(), secs.end(), s) == secs.end()) secs.push_back(s);
+    }
+    for (uintptr_t b = r.addr[l]; b < r.addr[l] + r.bytes; ++b) bytes_seen.push_back(b);
+  }
+  std::sort(bytes_seen.begin(), bytes_seen.end());
+  const size_t distinct = static_cast<size_t>(std::unique(bytes_seen.begin(), bytes_seen.end()) - bytes_seen.begin());
+  *ideal = (distinct + 31) / 32;
+  return secs.size();
+}
+
+void finish_request(const Request& r) {
+  KernelCounters& k = *device().kc;
+  uint64_t ideal = 0;
+  switch (r.kind) {
+    case ReqKind::kGlobal:
+      ++k.global_requests;
+      k.global_sectors += sectors(r, &ideal);
+      k.global_ideal_sectors += ideal;
+      break;
+    case ReqKind::kCpAsync:
+      ++k.cp_async_requests;
+      k.cp_async_sectors += sectors(r, &ideal);
+      k.cp_async_ideal_sectors += ideal;
+      break;
+    case ReqKind::kShared:
+      ++k.shared_requests;
+      k.shared_wavefronts += shared_wavefronts(r, &ideal);
+      k.shared_ideal_wavefronts += ideal;
+      break;
+  }
+}
+
+// Adds fiber f's pending access to its warp's request for this execution of the instruction.
+void flush_access(Fiber& f) {
+  if (!f.pending.valid) return;
+  f.pending.valid = false;
+  Device& D = device();
+  Warp& w = D.warps[f.warp];
+  const uint32_t k = f.executions[f.pending.site]++;
+  Request& r = w.requests[{f.pending.site, k}];
+  r.kind = static_cast<ReqKind>(f.pending.kind);
+  r.bytes = f.pending.bytes;
+  r.lanes |= 1u << f.lane;
+  r.addr[f.lane] = f.pending.addr;
+  if ((r.lanes | w.exited) == w.existing) {  // every lane still running has joined
+    finish_request(r);
+    w.requests.erase({f.pending.site, k});
+  }
+}
+
+// The running lane's access, merged with its previous one when together they are one naturally aligned
+// access of at most 16 bytes (what nvcc issues for a float4 or a 16-byte copy).
+void count_access(ReqKind kind, uintptr_t site_id, const void* p, size_t bytes, bool write) {
+  Fiber& f = *device().current;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto& q = f.pending;
+  if (q.valid && q.write == write && q.kind == static_cast<uint8_t>(kind) &&
+      (a == q.addr + q.bytes || a + bytes == q.addr)) {  // adjacent, in either order
+    const uintptr_t lo = std::min(a, q.addr);
+    const size_t total = q.bytes + bytes;
+    if (total <= 16 && lo / 16 == (lo + total - 1) / 16) {  // within one aligned 16-byte chunk
+      q.addr = lo;
+      q.bytes = static_cast<uint8_t>(total);
+      return;
+    }
+  }
+  flush_access(f);
+  q.valid = true;
+  q.write = write;
+  q.kind = static_cast<uint8_t>(kind);
+  q.bytes = static_cast<uint8_t>(std::min<size_t>(bytes, 255));
+  q.site = site_id;
+  q.addr = a;
+}
+
+void finish_block_counters() {
+  Device& D = device();
+  for (auto& f : D.fibers) flush_access(*f);
+  for (Warp& w : D.warps) {
+    for (const auto& [key, r] : w.requests) finish_request(r);
+    w.requests.clear();
+  }
+  for (auto& f : D.fibers) f->executions.clear();
+}
+
+bool is_device_memory(const void* p) {
+  const Buffer* b = find_buffer(p);
+  return b != nullptr && static_cast<const char*>(p) >= b->data && static_cast<const char*>(p) < b->data + b->bytes;
+}
+
+// A load or store of an instrumented kernel.
+inline void on_access(const void* p, size_t bytes, bool write, uintptr_t site_id) {
+  Device& D = device();
+  if (!D.checking || D.current == nullptr || !pthread_equal(D.owner, pthread_self())) return;
+  const char* c = static_cast<const char*>(p);
+  const bool dyn = c >= D.smem && c < D.smem + D.smem_bytes;
+  const bool stat = !dyn && __start_vae_emu_shared != nullptr && c >= __start_vae_emu_shared && c < __stop_vae_emu_shared;
+  if (dyn || stat) {
+    if (D.cfg.racecheck) check_shared(*D.current, c, bytes, write, site_id);
+    if (D.cfg.counters) count_access(ReqKind::kShared, site_id, p, bytes, write);
+  } else if (D.cfg.counters && is_device_memory(p)) {
+    count_access(ReqKind::kGlobal, site_id, p, bytes, write);
+  }
+}
+
 // ---------------------------------------------------------------- cp.async
 
 // Writes the thread's pending cp.async copies of the groups before `group_end` to shared memory.
@@ -505,6 +832,9 @@ void apply_copies(Fiber* f, uint64_t group_end) {
   D.in_op = "the shared-memory write of a cp.async";
   while (f->cp_head < f->cp_pending.size() && f->cp_pending[f->cp_head].group < group_end) {
     const PendingCopy& c = f->cp_pending[f->cp_head++];
+    if (D.checking && D.cfg.racecheck) {
+      check_shared(*f, static_cast<const char*>(c.dst), 16, true, emu_site("the shared-memory write of a cp.async", c.file, c.line));
+    }
     std::memcpy(c.dst, c.data, 16);
   }
   D.in_op = nullptr;
@@ -535,11 +865,29 @@ void complete_ldmatrix(Warp& w, const Collective& c) {
         fail(format("%s%s: lane %d gives row address %p in global memory; ldmatrix reads shared memory",
                     kind_name(c.kind, c.param), site(c.file, c.line).c_str(), lane, p));
       }
+      if (D.checking && D.cfg.racecheck) {
+        check_shared(fiber_of(static_cast<int>(&w - D.warps.data()), lane), static_cast<const char*>(p), 16, false,
+                     emu_site(kind_name(c.kind, c.param), c.file, c.line));
+      }
       D.in_op = "ldmatrix";
       std::memcpy(m[i][row], p, 16);
       D.in_op = nullptr;
     }
+    if (D.checking && D.cfg.counters) {
+      // The 8 rows of a matrix (16 bytes each, 128 in all) are one pass unless two of them share a bank.
+      Request r;
+      r.kind = ReqKind::kShared;
+      r.bytes = 16;
+      for (int row = 0; row < 8; ++row) {
+        r.lanes |= 1u << row;
+        r.addr[row] = reinterpret_cast<uintptr_t>(w.io[8 * i + row].addr);
+      }
+      uint64_t ideal = 0;  // lanes 0-7 form the first of the four 16-byte phases; the others are empty
+      D.kc->ldmatrix_wavefronts += shared_wavefronts(r, &ideal);
+      D.kc->ldmatrix_ideal_wavefronts += ideal;
+    }
   }
+  if (D.checking && D.cfg.counters) ++D.kc->ldmatrix;
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     for (int i = 0; i < num; ++i) {
@@ -563,6 +911,7 @@ float decode_16bit(uint16_t bits, bool bf16) {
 }
 
 void complete_mma(Warp& w, const Collective& c) {
+  if (device().checking && device().cfg.counters) ++device().kc->mma;
   const bool bf16 = c.param != 0;
   double A[16][16], B[16][8], C[16][8];
   for (int l = 0; l < 32; ++l) {
@@ -609,7 +958,10 @@ void complete(int warp_index, Collective& c) {
   Warp& w = D.warps[warp_index];
   const unsigned arrived = c.arrived;
   switch (c.kind) {
-    case Kind::kSyncWarp: break;
+    case Kind::kSyncWarp:
+      w.sync_masks.push_back(arrived);
+      if (D.checking && D.cfg.counters) ++D.kc->syncwarps;
+      break;
     case Kind::kShfl:
       for (int l = 0; l < 32; ++l) {
         if (!(arrived >> l & 1u)) continue;
@@ -729,6 +1081,7 @@ void arrive(Fiber* f, Kind kind, int param, unsigned mask, const char* file, int
 
 void thread_exit(Fiber* f) {
   Device& D = device();
+  if (D.checking && D.cfg.counters) flush_access(*f);
   flush_copies(f);
   ++D.exited;
   if (D.barrier.arrived > 0) {
@@ -853,7 +1206,10 @@ void run_block(uint3 block_idx, uint64_t block_linear) {
     w.existing = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
     w.exited = 0;
     w.colls.clear();
+    w.sync_masks.clear();
+    w.requests.clear();
   }
+  ++D.epoch;  // blocks run one after another: nothing of an earlier block races with this one
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = *D.fibers[i];
     f.index = static_cast<int>(i);
@@ -868,6 +1224,7 @@ void run_block(uint3 block_idx, uint64_t block_linear) {
     f.cp_pending.clear();
     f.cp_head = 0;
     f.cp_committed = 0;
+    f.pending.valid = false;
     make_context(f.ctx, f.stack_map + page_size(), f.stack_map_bytes - page_size(), &fiber_main, &f);
   }
   if (D.smem_bytes > 0) std::memset(D.smem, kPoison, D.smem_bytes);
@@ -1010,6 +1367,15 @@ void launch(const void* kernel, const char* signature, dim3 grid, dim3 block, si
   prepare_fibers(D.nthreads);
   prepare_smem(smem_bytes);
   ++D.stats.launches;
+  D.checking = D.cfg.racecheck || D.cfg.counters;
+  if (D.cfg.racecheck) {
+    if (D.dyn_shadow.size() < smem_bytes) D.dyn_shadow.resize(smem_bytes);
+    const size_t static_bytes = __start_vae_emu_shared != nullptr
+                                    ? static_cast<size_t>(__stop_vae_emu_shared - __start_vae_emu_shared) : 0;
+    if (D.static_shadow.size() < static_bytes) D.static_shadow.resize(static_bytes);
+  }
+  D.kc = &D.counters[name];
+  if (D.cfg.counters) ++D.kc->launches;
   {
     SignalGuard signals;
     D.active = true;
@@ -1019,12 +1385,14 @@ void launch(const void* kernel, const char* signature, dim3 grid, dim3 block, si
       for (unsigned y = 0; y < grid.y && !D.failed; ++y) {
         for (unsigned x = 0; x < grid.x && !D.failed; ++x, ++linear) {
           run_block(uint3{x, y, z}, linear);
+          if (D.cfg.counters) finish_block_counters();
           ++D.stats.blocks;
           D.stats.threads += D.nthreads;
         }
       }
     }
     D.active = false;
+    D.checking = false;
     D.current = nullptr;
     detail::g_state = nullptr;
   }
@@ -1110,6 +1478,9 @@ int syncthreads(int op, int predicate, const char* file, int line) {
   b.all = b.all && predicate != 0;
   b.any = b.any || predicate != 0;
   if (b.arrived == D.nthreads) {
+    ++D.epoch;  // every access before the barrier is ordered before every access after it
+    for (Warp& w : D.warps) w.sync_masks.clear();
+    if (D.checking && D.cfg.counters) ++D.kc->barriers;
     const int result = op == 1 ? b.count : op == 2 ? static_cast<int>(b.all) : op == 3 ? static_cast<int>(b.any) : 0;
     for (Fiber* w : b.waiters) {
       w->barrier_result = result;
@@ -1187,7 +1558,19 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, const char* fi
   }
   PendingCopy copy;
   copy.dst = smem_dst;
+  copy.file = file;
+  copy.line = line;
   copy.group = f->cp_committed;
+  if (D.checking) {
+    // The copy may land any time until its wait: a write from its issue on (and again when it lands).
+    if (D.cfg.racecheck) {
+      check_shared(*f, static_cast<const char*>(smem_dst), 16, true, emu_site("cp.async", file, line));
+    }
+    if (D.cfg.counters && pred) {
+      count_access(ReqKind::kCpAsync, emu_site("cp.async", file, line), gmem_src, 16, false);
+      flush_access(*f);
+    }
+  }
   if (pred) {
     if (reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) {
       fail(format("cp.async%s: global source %p is not 16-byte aligned", site(file, line).c_str(), gmem_src));
@@ -1234,6 +1617,31 @@ uint32_t pack_16bit(float lo, float hi, bool bf16) {
 Config& config() { return device().cfg; }
 
 Stats stats() { return device().stats; }
+
+void reset_counters() {
+  Device& D = device();
+  std::lock_guard<std::mutex> lock(D.launch_mutex);
+  D.counters.clear();
+}
+
+std::string counters_report() {
+  Device& D = device();
+  std::lock_guard<std::mutex> lock(D.launch_mutex);
+  std::string out;
+  for (const auto& [name, k] : D.counters) {
+    if (k.launches == 0) continue;
+    out += name;
+#define VAE_EMU_FIELD(f) out += format("\t" #f "=%llu", static_cast<unsigned long long>(k.f));
+    VAE_EMU_FIELD(launches) VAE_EMU_FIELD(global_requests) VAE_EMU_FIELD(global_sectors)
+    VAE_EMU_FIELD(global_ideal_sectors) VAE_EMU_FIELD(shared_requests) VAE_EMU_FIELD(shared_wavefronts)
+    VAE_EMU_FIELD(shared_ideal_wavefronts) VAE_EMU_FIELD(ldmatrix) VAE_EMU_FIELD(ldmatrix_wavefronts)
+    VAE_EMU_FIELD(ldmatrix_ideal_wavefronts) VAE_EMU_FIELD(cp_async_requests) VAE_EMU_FIELD(cp_async_sectors)
+    VAE_EMU_FIELD(cp_async_ideal_sectors) VAE_EMU_FIELD(mma) VAE_EMU_FIELD(barriers) VAE_EMU_FIELD(syncwarps)
+#undef VAE_EMU_FIELD
+    out += "\n";
+  }
+  return out;
+}
 
 void* device_alloc(size_t bytes, size_t misalign) {
   Device& D = device();
@@ -1425,3 +1833,37 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------- the instrumentation hooks
+// What GCC's -fsanitize=thread calls for each load and store of the (instrumented) kernel translation
+// units. The call's return address names the instruction.
+
+#define VAE_EMU_HOOK_RANGE(n)                                                                                  \
+  extern "C" void __tsan_read##n(void* p) {                                                                   \
+    vae_ext::emu::on_access(p, n, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));            \
+  }                                                                                                            \
+  extern "C" void __tsan_write##n(void* p) {                                                                  \
+    vae_ext::emu::on_access(p, n, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));             \
+  }                                                                                                            \
+  extern "C" void __tsan_unaligned_read##n(void* p) {                                                         \
+    vae_ext::emu::on_access(p, n, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));            \
+  }                                                                                                            \
+  extern "C" void __tsan_unaligned_write##n(void* p) {                                                        \
+    vae_ext::emu::on_access(p, n, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));             \
+  }
+VAE_EMU_HOOK_RANGE(1)
+VAE_EMU_HOOK_RANGE(2)
+VAE_EMU_HOOK_RANGE(4)
+VAE_EMU_HOOK_RANGE(8)
+VAE_EMU_HOOK_RANGE(16)
+#undef VAE_EMU_HOOK_RANGE
+
+extern "C" void __tsan_read_range(void* p, unsigned long n) {
+  vae_ext::emu::on_access(p, n, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+extern "C" void __tsan_write_range(void* p, unsigned long n) {
+  vae_ext::emu::on_access(p, n, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
