@@ -1,7 +1,9 @@
 # The two commands of the README:
 #   make demo   create .venv, install torch and vae_ext (with its build), run the demo
 #   make test   the same setup, then the whole test suite
-# Other targets: make bench (pytest-benchmark suite), make build (incremental in-place build), make clean.
+# Other targets: make bench (pytest-benchmark suite), make build (incremental in-place build), make clean,
+#   make gpu-check (the one command for a lent GPU: tools/gpu_check.py; a dry run without one),
+#   make emu-counters, make cuda-resources (reports of the CUDA kernels made without a GPU).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +14,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build clean gpu-check emu-counters cuda-resources
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +39,20 @@ bench: $(BUILD_STAMP)
 # Incremental rebuild for development (ninja recompiles only what changed).
 build: $(DEPS_STAMP)
 	$(PY) setup.py build_ext --inplace
+
+# On the GPU machine: its own python3 (no venv, nothing installed); here: a dry run in the venv.
+gpu-check:
+	@if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		python3 tools/gpu_check.py; \
+	else \
+		$(MAKE) --no-print-directory $(DEPS_STAMP) && $(PY) tools/gpu_check.py --dry-run; \
+	fi
+
+emu-counters: $(DEPS_STAMP)
+	$(PY) tools/emu_counters.py
+
+cuda-resources: $(DEPS_STAMP)
+	$(PY) tools/cuda_resources.py
 
 clean:
 	rm -rf build vae_ext/_C*.so $(BUILD_STAMP)

@@ -21,50 +21,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
-
-
-def _is_toolkit(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h"))
-
-
-def find_cuda_home():
-    """The CUDA toolkit folder, or None.
-
-    torch guesses dirname(dirname(which nvcc)), which is wrong when `nvcc` on
-    the PATH is a wrapper script (e.g. /usr/local/bin/nvcc -> exec
-    /usr/local/cuda-13.0/bin/nvcc). Follow links, read wrapper scripts, then try
-    the standard locations.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-        try:
-            with open(real, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):  # a wrapper script: look for the real nvcc it runs
-                for token in head.decode("utf-8", "replace").split():
-                    token = token.strip("\"'")
-                    if token.endswith("/bin/nvcc"):
-                        candidates.append(os.path.dirname(os.path.dirname(token)))
-        except OSError:
-            pass
-    candidates.append("/usr/local/cuda")
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for path in candidates:
-        if _is_toolkit(path):
-            return os.path.realpath(path)
-    return None
-
-
-def nvidia_pip_include_dirs():
-    """Include folders of the `nvidia` pip packages that CUDA torch wheels bring (cusparse.h, cublas_v2.h...)."""
-    dirs = []
-    for entry in sys.path:
-        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
-    return sorted(set(d for d in dirs if os.path.isdir(d)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_toolkit import find_cuda_home, nvidia_pip_include_dirs  # noqa: E402
 
 
 def cpu_arch_flags():

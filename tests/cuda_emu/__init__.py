@@ -29,6 +29,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_toolkit import cuda_include_dir  # noqa: E402
 BUILD_DIR = os.path.join(ROOT, "build", "cuda_emu")
 NAME = "vae_ext_cuda_emu"
 CFLAGS = ["-O2", "-DVAE_EXT_CUDA_EMULATION", "-DVAE_EXT_WITH_CUDA", "-Wno-unknown-pragmas",
@@ -36,38 +38,6 @@ CFLAGS = ["-O2", "-DVAE_EXT_CUDA_EMULATION", "-DVAE_EXT_WITH_CUDA", "-Wno-unknow
 # The kernels' own flags: memory accesses instrumented for the emulator's hooks (no tsan runtime is linked),
 # line tables so a race report can name the source lines.
 KERNEL_CFLAGS = ["-std=c++20", "-fPIC", "-g1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
-
-
-def _cuda_home_candidates():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            yield os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        yield os.path.dirname(os.path.dirname(real))
-        try:  # a wrapper script (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`): the toolkit it runs
-            with open(real, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):
-                for token in head.decode("utf-8", "replace").split():
-                    token = token.strip("\"'")
-                    if token.endswith("/bin/nvcc"):
-                        yield os.path.dirname(os.path.dirname(token))
-        except OSError:
-            pass
-    yield "/usr/local/cuda"
-    yield from sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-
-
-def cuda_include_dir():
-    """The CUDA toolkit's include folder (host-mode headers: cuda_runtime.h, cuda_bf16.h...), or None."""
-    for home in _cuda_home_candidates():
-        inc = os.path.join(home, "include")
-        if os.path.isfile(os.path.join(inc, "cuda_runtime.h")) and os.path.isfile(
-                os.path.join(inc, "crt", "host_defines.h")):
-            return os.path.realpath(inc)
-    return None
 
 
 def unavailable_reason():

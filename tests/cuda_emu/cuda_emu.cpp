@@ -575,6 +575,26 @@ uintptr_t emu_site(const char* what, const char* file, int line) {
   return reinterpret_cast<uintptr_t>(s.get()) | kEmuSiteTag;
 }
 
+// addr2line's lines for a code address of this library: pairs of (function, file:line), innermost
+// inlined frame first. Slow (a process): for error messages and once per kernel.
+std::vector<std::string> addr2line(const void* pc, Dl_info* info) {
+  std::vector<std::string> lines;
+  if (dladdr(pc, info) == 0 || info->dli_fname == nullptr) return lines;
+  const auto offset = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info->dli_fbase);
+  const std::string cmd = format("addr2line -C -f -i -e '%s' 0x%zx 2>/dev/null", info->dli_fname, offset);
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char line[4096];
+    while (fgets(line, sizeof(line), p) != nullptr) {
+      std::string l(line);
+      while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+      lines.push_back(l);
+    }
+    pclose(p);
+  }
+  if (!lines.empty() && lines[0] == "??") lines.clear();
+  return lines;
+}
+
 // "file:line (function)" of a code address in an instrumented kernel, or the emulator's own site.
 std::string describe_site(uintptr_t site_id) {
   if (site_id & kEmuSiteTag) {
@@ -583,20 +603,9 @@ std::string describe_site(uintptr_t site_id) {
   }
   const void* pc = reinterpret_cast<const void*>(site_id - 1);  // inside the call instruction
   Dl_info info{};
-  if (dladdr(pc, &info) == 0 || info.dli_fname == nullptr) return format("pc %p", pc);
-  const auto offset = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase);
+  const std::vector<std::string> lines = addr2line(pc, &info);
   std::string where;
-  const std::string cmd = format("addr2line -C -f -i -e '%s' 0x%zx 2>/dev/null", info.dli_fname, offset);
-  if (FILE* p = popen(cmd.c_str(), "r")) {  // only on the error path
-    char line[4096];
-    std::vector<std::string> lines;
-    while (fgets(line, sizeof(line), p) != nullptr) {
-      std::string l(line);
-      while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
-      lines.push_back(l);
-    }
-    pclose(p);
-    // Pairs of (function, file:line), innermost inlined frame first: the source line, then its function.
+  {
     if (lines.size() >= 2) {
       std::string fn = lines[0], loc = lines[1];
       for (size_t a; (a = fn.find("(anonymous namespace)::")) != std::string::npos;) fn.erase(a, 23);
@@ -1286,6 +1295,18 @@ std::string kernel_description(const void* kernel, const char* signature) {
     name = status == 0 && demangled != nullptr ? demangled : info.dli_sname;
     std::free(demangled);
   }
+  if (name.empty()) {  // a kernel in an anonymous namespace has no dynamic symbol: its debug-info name
+    static std::map<const void*, std::string> cache;
+    auto it = cache.find(kernel);
+    if (it == cache.end()) {
+      Dl_info dl{};
+      const std::vector<std::string> lines = addr2line(kernel, &dl);
+      std::string fn = lines.size() >= 2 ? lines[lines.size() - 2] : std::string();  // the outermost function
+      for (size_t a; (a = fn.find("(anonymous namespace)::")) != std::string::npos;) fn.erase(a, 23);
+      it = cache.emplace(kernel, fn).first;
+    }
+    name = it->second;
+  }
   if (name.empty()) {
     // "... [with KernelArgs = {vae_ext::ReparamParams, bool}; ...]" -> "kernel(vae_ext::ReparamParams, bool)"
     std::string sig = signature;
@@ -1375,7 +1396,11 @@ void launch(const void* kernel, const char* signature, dim3 grid, dim3 block, si
     if (D.static_shadow.size() < static_bytes) D.static_shadow.resize(static_bytes);
   }
   D.kc = &D.counters[name];
-  if (D.cfg.counters) ++D.kc->launches;
+  if (D.cfg.counters) {
+    ++D.kc->launches;
+    D.kc->threads = std::max<uint64_t>(D.kc->threads, D.nthreads);
+    D.kc->dynamic_smem = std::max<uint64_t>(D.kc->dynamic_smem, smem_bytes);
+  }
   {
     SignalGuard signals;
     D.active = true;
@@ -1632,7 +1657,7 @@ std::string counters_report() {
     if (k.launches == 0) continue;
     out += name;
 #define VAE_EMU_FIELD(f) out += format("\t" #f "=%llu", static_cast<unsigned long long>(k.f));
-    VAE_EMU_FIELD(launches) VAE_EMU_FIELD(global_requests) VAE_EMU_FIELD(global_sectors)
+    VAE_EMU_FIELD(launches) VAE_EMU_FIELD(threads) VAE_EMU_FIELD(dynamic_smem) VAE_EMU_FIELD(global_requests) VAE_EMU_FIELD(global_sectors)
     VAE_EMU_FIELD(global_ideal_sectors) VAE_EMU_FIELD(shared_requests) VAE_EMU_FIELD(shared_wavefronts)
     VAE_EMU_FIELD(shared_ideal_wavefronts) VAE_EMU_FIELD(ldmatrix) VAE_EMU_FIELD(ldmatrix_wavefronts)
     VAE_EMU_FIELD(ldmatrix_ideal_wavefronts) VAE_EMU_FIELD(cp_async_requests) VAE_EMU_FIELD(cp_async_sectors)

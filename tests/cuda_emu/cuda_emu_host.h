@@ -46,6 +46,8 @@ Stats stats();
 // (the k-th execution of that instruction by each lane).
 struct KernelCounters {
   uint64_t launches = 0;
+  uint64_t threads = 0;                // threads per block, and dynamic shared memory, of its largest launch
+  uint64_t dynamic_smem = 0;
   uint64_t global_requests = 0;        // loads and stores to device memory
   uint64_t global_sectors = 0;         // distinct 32-byte sectors those requests touched
   uint64_t global_ideal_sectors = 0;   // the fewest sectors the requests' bytes could have taken
