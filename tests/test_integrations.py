@@ -7,6 +7,7 @@ Oracle: the library's own default attention on the same weights; outputs and par
 gradients agree within float32 tolerance. The fused-path checks make torch's SDPA fail
 inside vae_ext (vae_ext.sdpa.torch_sdpa, the fallback), so they prove vae_ext's kernels ran."""
 
+import copy
 import importlib
 import sys
 
@@ -187,11 +188,12 @@ def registered():
 
 
 def _pair(cfg, model_cls=transformers.AutoModel, ref_impl="sdpa"):
+    # One config object each: from_config keeps the object and sets its _attn_implementation.
     torch.manual_seed(0)
-    ref = model_cls.from_config(cfg, attn_implementation=ref_impl).eval()
-    new = model_cls.from_config(cfg, attn_implementation="vae_ext").eval()
+    ref = model_cls.from_config(copy.deepcopy(cfg), attn_implementation=ref_impl).eval()
+    new = model_cls.from_config(copy.deepcopy(cfg), attn_implementation="vae_ext").eval()
     new.load_state_dict(ref.state_dict())
-    assert new.config._attn_implementation == "vae_ext"
+    assert ref.config._attn_implementation == ref_impl and new.config._attn_implementation == "vae_ext"
     return ref, new
 
 
