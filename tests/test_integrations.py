@@ -286,6 +286,17 @@ def test_transformers_fully_padded_row_is_zero_not_nan(fused_only):
     assert torch.isfinite(bert(input_ids=ids, attention_mask=am).last_hidden_state).all()
 
 
+def test_transformers_from_pretrained(fused_only, tmp_path):
+    ref, _ = _pair(llama_config(), transformers.AutoModelForCausalLM)
+    ref.save_pretrained(tmp_path)  # safetensors, no download
+    new = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="vae_ext").eval()
+    assert new.config._attn_implementation == "vae_ext"
+    ids, mask = _inputs(left_pad=True)
+    keep = mask.bool()
+    close(new(input_ids=ids, attention_mask=mask).logits[keep], ref(input_ids=ids, attention_mask=mask).logits[keep],
+          what="from_pretrained")
+
+
 def test_transformers_register_is_idempotent_and_set_attn_implementation_works(fused_only):
     assert vt.register() == "vae_ext"
     torch.manual_seed(0)
