@@ -382,3 +382,16 @@ def test_causal_alignment_is_checked():
     q = rand(1, 1, 2, 4, grad=False)
     with pytest.raises(ValueError, match="causal_alignment"):
         vae_ext.masked_attention(q, q, q, is_causal=True, causal_alignment="bottom")
+
+
+def test_compiles_fullgraph(no_fallback):
+    q, k, v = (rand(1, 2, s, 8, seed=i, dtype=torch.float32) for i, s in enumerate((3, 7, 7)))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v):
+        return vae_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out = f(q, k, v)
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, is_causal=True), **TOL[torch.float32])
+    out.sum().backward()
+    assert q.grad is not None and not torch.isnan(q.grad).any()
