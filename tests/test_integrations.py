@@ -73,6 +73,17 @@ def test_missing_library_names_the_extra(monkeypatch, lib):
     monkeypatch.delitem(sys.modules, f"vae_ext.integrations.{lib}", raising=False)
 
 
+def test_import_vae_ext_imports_no_integration_library():
+    import os
+    import subprocess
+
+    code = ("import sys, vae_ext; vae_ext.integrations; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'timm') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ---------------------------------------------------------------- diffusers
 
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
