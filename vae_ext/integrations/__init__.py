@@ -1,8 +1,8 @@
 """Integrations: run vae_ext's fused attention where models already run attention.
 
-    vae_ext.integrations.diffusers      FusedAttnProcessor for diffusers' Attention  (pip install vae_ext[diffusers])
-    vae_ext.integrations.transformers   register() adds attn_implementation="vae_ext"  (pip install vae_ext[transformers])
-    vae_ext.integrations.timm           replace_attention() for timm's Attention      (pip install vae_ext[timm])
+    vae_ext.integrations.diffusers     FusedAttnProcessor for diffusers' Attention   (extra: vae_ext[diffusers])
+    vae_ext.integrations.transformers  register(): attn_implementation="vae_ext"     (extra: vae_ext[transformers])
+    vae_ext.integrations.timm          replace_attention() for timm's Attention       (extra: vae_ext[timm])
 
 Each submodule imports its library on first use and, where it is missing, fails with
 an ImportError that names the extra to install. Importing this package imports none.
