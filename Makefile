@@ -10,6 +10,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS := ninja numpy pytest pytest-benchmark scipy expecttest scikit-learn tqdm matplotlib
+# Oracles of the integration tests (torchvision pinned to the build that matches TORCH_SPEC).
+DEPS += diffusers transformers timm safetensors torchvision==0.29.1
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml

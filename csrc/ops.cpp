@@ -38,14 +38,16 @@ TORCH_LIBRARY(vae_ext, m) {
 
   // out = softmax(q kᵀ · scale + masks) v, fused; returns (out, lse float32 (B, H, Sq),
   // rng_state int64 (2,) = the (seed, offset) of the dropout stream, for the backward).
+  // causal_lower_right: is_causal aligned to the lower-right corner (j <= i + Sk - Sq).
   m.def(
       "masked_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-      "bool is_causal, float scale, float dropout_p, int? seed, Generator? generator) -> (Tensor, Tensor, Tensor)",
+      "bool is_causal, float scale, float dropout_p, int? seed, Generator? generator, "
+      "bool causal_lower_right=False) -> (Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor rng_state, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, float scale, float dropout_p) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor rng_state, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, float scale, float dropout_p, "
+      "bool causal_lower_right=False) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -39,7 +39,10 @@ def keep_mask(seed, offset, shape, p):
 
 
 def oracle(q, k, v, attn_mask=None, kpm=None, causal=False, scale=None, keep=None, p=0.0):
-    """float64 out and lse (+inf for rows that see no key), differentiable in q, k, v."""
+    """float64 out and lse (+inf for rows that see no key), differentiable in q, k, v.
+
+    causal: False, True (upper-left aligned) or "lower_right" (query i sees keys j <= i + Sk - Sq).
+    """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     k = k.repeat_interleave(h // hkv, dim=1)
@@ -48,7 +51,7 @@ def oracle(q, k, v, attn_mask=None, kpm=None, causal=False, scale=None, keep=Non
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     vis = torch.ones(sq, sk, dtype=torch.bool)
     if causal:
-        vis = torch.tril(vis)
+        vis = torch.tril(vis, diagonal=sk - sq if causal == "lower_right" else 0)
     vis = vis.expand(b, h, sq, sk)
     if kpm is not None:
         vis = vis & ~kpm[:, None, None, :]
@@ -105,8 +108,9 @@ def run_case(emu, *, b=1, h=2, hkv=None, sq=40, sk=40, d=64, dtype=torch.bfloat1
         attn_mask[:, :, :, ::5] = float("-inf")
         attn_mask[:, :, 2, :] = float("-inf")  # a fully masked row
     sc = (1.0 / math.sqrt(d)) if scale is None else scale
-    out, lse, rng = emu.attention_forward(q, k, v, attn_mask, kpm, causal, sc, p, seed, offset, seed_in_device_memory,
-                                          pass_padding_mask, misalign)
+    lower_right = causal == "lower_right"
+    out, lse, rng = emu.attention_forward(q, k, v, attn_mask, kpm, bool(causal), sc, p, seed, offset,
+                                          seed_in_device_memory, pass_padding_mask, misalign, lower_right)
     keep = keep_mask(seed, offset, (b, h, sq, sk), p) if p > 0 else None
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     ref_out, ref_lse = oracle(qd, kd, vd, attn_mask, kpm, causal, sc, keep, p)
@@ -121,8 +125,8 @@ def run_case(emu, *, b=1, h=2, hkv=None, sq=40, sk=40, d=64, dtype=torch.bfloat1
     grad = torch.randn(q.shape, generator=gen).to(dtype)
     if layout == "bshd":
         grad = torch.randn(b, sq, h, d, generator=gen).to(dtype).transpose(1, 2)
-    dq, dk, dv, _delta = emu.attention_backward(grad, q, k, v, out, lse, rng, attn_mask, kpm, causal, sc, p,
-                                                deterministic, pass_padding_mask, misalign)
+    dq, dk, dv, _delta = emu.attention_backward(grad, q, k, v, out, lse, rng, attn_mask, kpm, bool(causal), sc, p,
+                                                deterministic, pass_padding_mask, misalign, lower_right)
     # The oracle's gradient at the kernel's own output rounding: compare to float64 autograd.
     ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qd, kd, vd), grad.double())
     gscale = 4.0
@@ -151,6 +155,17 @@ def test_tc_causal_sq_gt_sk(emu):
 
 def test_tc_causal_sq_lt_sk(emu):
     run_case(emu, d=64, sq=50, sk=170, causal=True)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 70), (50, 170), (140, 70), (72, 72)])
+def test_tc_causal_lower_right(emu, sq, sk):
+    # KV-cache decoding (Sq < Sk: the diagonal ends in the last key), and Sq > Sk (the
+    # first Sq - Sk rows see no key: zeros, lse = +inf, zero gradients).
+    run_case(emu, d=64, sq=sq, sk=sk, causal="lower_right")
+
+
+def test_tc_causal_lower_right_gqa_padding_dropout(emu):
+    run_case(emu, b=2, h=4, hkv=2, d=32, sq=40, sk=150, causal="lower_right", padding="holes", p=0.2, seed=11)
 
 
 @pytest.mark.parametrize("padding", [True, "holes"])
@@ -256,6 +271,11 @@ def test_simt_float32_masks_gqa_dropout(emu):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_simt_large_head_dim(emu, dtype):
     run_case(emu, dtype=dtype, d=160, sq=20, sk=40, causal=True, mask="bool")
+
+
+@pytest.mark.parametrize("sq,sk", [(3, 70), (70, 30)])
+def test_simt_causal_lower_right(emu, sq, sk):
+    run_case(emu, dtype=torch.float32, d=48, sq=sq, sk=sk, causal="lower_right", padding=True)
 
 
 def test_simt_strided_misaligned(emu):

@@ -110,11 +110,12 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                      key_padding_mask: torch.Tensor | None = None, is_causal: bool = False,
                      scale: float | None = None, dropout_p: float = 0.0, generator: torch.Generator | None = None,
-                     seed: int | None = None) -> torch.Tensor:
+                     seed: int | None = None, causal_alignment: str = "upper_left") -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v with every mask kind of vae_ext.masked_attention.
 
     q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with H a multiple of Hkv. `is_causal`:
-    query i sees keys j <= i (top-left aligned, as SDPA). `key_padding_mask`
+    query i sees keys j <= i (causal_alignment "upper_left", as SDPA) or
+    j <= i + Sk - Sq ("lower_right", KV-cache decoding). `key_padding_mask`
     (B, Sk) bool, True = ignore. `attn_mask` bool (True = attend) or additive
     float, broadcastable to (B, H, Sq, Sk). Masks intersect; a row that sees no
     key gives zeros. Dropout: with `seed`, exactly the kernels' keep-mask; else
@@ -130,7 +131,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if is_causal:
-        visible = torch.tril(visible)
+        visible = torch.tril(visible, diagonal=sk - sq if causal_alignment == "lower_right" else 0)
     visible = visible.expand(b, h, sq, sk)
     if key_padding_mask is not None:
         visible = visible & ~key_padding_mask[:, None, None, :]

@@ -32,7 +32,7 @@ using attention_glue::rows_contiguous;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale, double dropout_p,
-    std::optional<int64_t> seed, const std::optional<at::Generator>& generator) {
+    std::optional<int64_t> seed, const std::optional<at::Generator>& generator, bool causal_lower_right) {
   const char* op = "masked_attention_forward";
   const Inputs in = check_and_prepare(q, k, v, attn_mask, key_padding_mask, dropout_p, op);
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_forward_impl(
   at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   // (seed, offset) of the dropout stream; zeros without dropout.
   at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
-  AttentionParams p = make_params(in, out, lse, is_causal, scale, dropout_p, op);
+  AttentionParams p = make_params(in, out, lse, is_causal, scale, dropout_p, op, causal_lower_right);
   if (in.k.size(2) == 0) {  // no key at all: every row is empty
     out.zero_();
     lse.fill_(std::numeric_limits<float>::infinity());
@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_forward_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale, double dropout_p) {
+    const std::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale, double dropout_p,
+    bool causal_lower_right) {
   const char* op = "masked_attention_backward";
   const Inputs in = check_and_prepare(q, k, v, attn_mask, key_padding_mask, dropout_p, op);
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
@@ -100,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_impl(
   at::Tensor delta = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
 
   AttentionBackwardParams bp =
-      make_backward_params(in, dout, out_c, lse_c, rng_c, dq, dk, dv, delta, is_causal, scale, dropout_p, op);
+      make_backward_params(in, dout, out_c, lse_c, rng_c, dq, dk, dv, delta, is_causal, scale, dropout_p, op,
+                           causal_lower_right);
 
   if (B * H * Sq == 0 || Sk == 0) {  // nothing attends: every gradient is zero
     dq.zero_();

@@ -3,7 +3,10 @@
 //
 // Semantics (DESIGN.md): out = softmax(q kᵀ · scale + mask) v per (batch, head),
 // masks combined by intersection:
-//   - causal: query i sees keys j <= i (top-left aligned, as SDPA);
+//   - causal: query i sees keys j <= i + causal_offset: causal_offset = 0 is
+//     upper-left aligned (SDPA's is_causal), Sk - Sq lower-right aligned (KV-cache
+//     decoding, FlashAttention's convention; with Sq > Sk the first Sq - Sk rows
+//     see no key);
 //   - key padding: key j of batch b is ignored where key_padding[b * Sk + j] != 0;
 //     key_len[b] = 1 + the last key of batch b that is not padding (0 if none), so
 //     keys j >= key_len[b] are known hidden and their tiles are skipped;
@@ -49,6 +52,7 @@ struct AttentionParams {
   int batch, heads, kv_heads, q_len, kv_len, head_dim;
   float scale;
   bool is_causal;
+  int causal_offset;  // with is_causal, query i sees keys j <= i + causal_offset (see above)
 
   MaskKind mask_kind;
   const void* mask;  // uint8 (bool) or float32, see mask_kind

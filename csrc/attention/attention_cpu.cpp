@@ -12,7 +12,8 @@
 //
 // Tiles that the causal mask or the key padding hide entirely are never
 // computed: keys >= key_len[b] and key tiles whose keys are all padding are
-// skipped, and with is_causal a query tile stops at its last query's key.
+// skipped, and with is_causal a query tile stops at its last query's last
+// visible key (j <= i + causal_offset, attention.h).
 //
 // Tile products run on float32/float64 tiles (16-bit inputs are widened tile by
 // tile), either with the BLAS that torch links (MKL's sgemm_/dgemm_ where
@@ -377,11 +378,15 @@ struct Problem {
   // Keys [0, end) a query tile starting at q0 with mq rows may see.
   int64_t key_end(int64_t b, int64_t q0, int64_t mq) const {
     int64_t end = kv_end[b];
-    if (p.is_causal) end = std::min(end, q0 + mq);
+    if (p.is_causal) end = std::min(end, q0 + mq + p.causal_offset);
     return std::max<int64_t>(end, 0);
   }
   // Keys [0, limit) that some query of batch b may see.
-  int64_t key_limit(int64_t b) const { return p.is_causal ? std::min(kv_end[b], Sq) : kv_end[b]; }
+  int64_t key_limit(int64_t b) const {
+    return std::max<int64_t>(0, p.is_causal ? std::min<int64_t>(kv_end[b], Sq + p.causal_offset) : kv_end[b]);
+  }
+  // The first query that may see key j (the causal mask hides j from queries i < j - causal_offset).
+  int64_t first_query(int64_t j) const { return p.is_causal ? std::max<int64_t>(0, j - p.causal_offset) : 0; }
   uint8_t status(int64_t b, int64_t kt) const { return pad_status[b * n_k_tiles + kt]; }
 };
 
@@ -419,9 +424,9 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       }
     }
   }
-  if (p.is_causal && k0 + nk - 1 > q0) {  // the tile crosses the diagonal
+  if (p.is_causal && k0 + nk - 1 > q0 + p.causal_offset) {  // the tile crosses the diagonal
     for (int64_t r = 0; r < mq; ++r) {
-      const int64_t first_hidden = std::max<int64_t>(q0 + r + 1 - k0, 0);
+      const int64_t first_hidden = std::max<int64_t>(q0 + r + 1 + p.causal_offset - k0, 0);
       T* srow = s + r * lds;
       for (int64_t j = first_hidden; j < nk; ++j) srow[j] = ninf;
     }
@@ -671,7 +676,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
     int64_t work = 1;
     for (int64_t kt = c * tiles_per_chunk; kt < std::min(pr.n_k_tiles, (c + 1) * tiles_per_chunk); ++kt) {
       if (kt * bk >= pr.key_limit(b)) break;
-      work += p.is_causal ? std::max<int64_t>(0, Sq - kt * bk) : Sq;
+      work += std::max<int64_t>(0, Sq - pr.first_query(kt * bk));
     }
     cost[t] = work;
   }
@@ -721,8 +726,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
       const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
       std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
       std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
-      // Queries before k0 see none of these keys under the causal mask.
-      const int64_t qt_first = p.is_causal ? (k0 >= Sq ? pr.n_q_tiles : k0 / bq) : 0;
+      // Queries before first_query(k0) see none of these keys under the causal mask.
+      const int64_t q_first = pr.first_query(k0);
+      const int64_t qt_first = q_first >= Sq ? pr.n_q_tiles : q_first / bq;
 
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = hk * G + hh, bh = b * H + h;

@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 
     // Scale, mask, online softmax. Scores are in the log2 domain from here on.
     const bool edge = n0 + kBlockN > mask.kv_limit;
-    const bool diag = p.is_causal && n0 + kBlockN - 1 > row_first;
+    const bool diag = mask.crosses_diagonal(row_first, n0 + kBlockN - 1);
     const bool pairs = mask.kind != MaskKind::kNone || diag;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int kv_limit = kv_limit_of(p, b);
   const int key_rows = min(kBlockN, p.kv_len - n0);
   const int m_blocks = (p.q_len + kBlockM - 1) / kBlockM;
-  const int m_begin = p.is_causal ? n0 / kBlockM : 0;  // earlier query tiles see none of these keys
+  const int m_begin = first_query_of(p, n0) / kBlockM;  // earlier query tiles see none of these keys
   const bool hidden = n0 >= kv_limit || m_begin >= m_blocks;
   const int per_head = hidden ? 0 : m_blocks - m_begin;
   const int n_iter = per_head * group;
@@ -545,7 +545,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     float acc_s[1][kNTq][4];
     zero(acc_s);
     gemm_nt<T, 1, kNTq, kD, kStride, kStride>(acc_s, sKw, sQb, lane);
-    const bool pairs = mask.kind != MaskKind::kNone || (p.is_causal && key0 + 15 > m0);
+    const bool pairs = mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, key0 + 15);
 #pragma unroll
     for (int nt = 0; nt < kNTq; ++nt) {
 #pragma unroll
@@ -743,7 +743,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     zero(acc_s);
     gemm_nt<T, 1, kNT, kD, kStride, kStride>(acc_s, opaque(sQ + warp * 16 * kStride), sKb, lane);
     const bool edge = n0 + kBlockN > mask.kv_limit;
-    const bool pairs = mask.kind != MaskKind::kNone || (p.is_causal && n0 + kBlockN - 1 > row_first);
+    const bool pairs = mask.kind != MaskKind::kNone || mask.crosses_diagonal(row_first, n0 + kBlockN - 1);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
       bool col_ok[2] = {true, true};

@@ -129,6 +129,7 @@ struct MaskCtx {
   int q_len;
   int kv_limit;  // keys >= kv_limit are hidden (min(key_len[b], Sk))
   bool causal;
+  int causal_offset;  // causal: query i sees keys j <= i + causal_offset (0 upper-left, Sk - Sq lower-right)
   MaskKind kind;
   const uint8_t* key_padding;  // row b of the (B, Sk) padding mask, or nullptr
   const void* mask;            // the (b, h) plane of the attn mask
@@ -139,11 +140,19 @@ struct MaskCtx {
   VAE_DEV bool key_ok(int j) const { return j < kv_limit && (key_padding == nullptr || key_padding[j] == 0); }
 
   // Keys [0, key_end) may be visible to the query rows [m0, m0 + rows): the causal
-  // mask hides every key past the tile's last row.
-  VAE_DEV int key_end(int m0, int rows) const { return causal ? min(kv_limit, m0 + rows) : kv_limit; }
+  // mask hides every key past the tile's last row's diagonal (<= 0: no key).
+  VAE_DEV int key_end(int m0, int rows) const {
+    return causal ? min(kv_limit, m0 + rows + causal_offset) : kv_limit;
+  }
+
+  // Whether the causal mask hides some key <= last_key from some query row >= first_row
+  // (the tile crosses the diagonal and needs per-pair masking).
+  VAE_DEV bool crosses_diagonal(int first_row, int last_key) const {
+    return causal && last_key > first_row + causal_offset;
+  }
 
   VAE_DEV float pair_term(int i, int j) const {
-    if (causal && j > i) return -INFINITY;
+    if (causal && j > i + causal_offset) return -INFINITY;
     if (kind == MaskKind::kNone) return 0.f;
     if (i >= q_len) return -INFINITY;
     const int64_t off = static_cast<int64_t>(i) * mask_row + static_cast<int64_t>(j) * mask_col;
@@ -159,11 +168,17 @@ VAE_DEV int kv_limit_of(const AttentionParams& p, int b) {
   return lim < 0 ? 0 : lim;
 }
 
+// The first query that may see key n0: the causal mask hides it from queries i < n0 - causal_offset.
+VAE_DEV int first_query_of(const AttentionParams& p, int n0) {
+  return p.is_causal ? max(0, n0 - p.causal_offset) : 0;
+}
+
 VAE_DEV MaskCtx make_mask_ctx(const AttentionParams& p, int b, int h) {
   MaskCtx m;
   m.q_len = p.q_len;
   m.kv_limit = kv_limit_of(p, b);
   m.causal = p.is_causal;
+  m.causal_offset = p.is_causal ? p.causal_offset : 0;
   m.kind = p.mask == nullptr ? MaskKind::kNone : p.mask_kind;
   m.key_padding = p.key_padding == nullptr ? nullptr : p.key_padding + static_cast<int64_t>(b) * p.kv_len;
   const size_t elem = m.kind == MaskKind::kAdditive ? 4 : 1;

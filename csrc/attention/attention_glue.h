@@ -93,8 +93,10 @@ inline Inputs check_and_prepare(const at::Tensor& q, const at::Tensor& k, const 
   return in;
 }
 
+// causal_lower_right: the causal mask is aligned to the lower-right corner (query i
+// sees keys j <= i + Sk - Sq) instead of the upper-left one (j <= i).
 inline AttentionParams make_params(const Inputs& in, const at::Tensor& out, const at::Tensor& lse, bool is_causal,
-                            double scale, double dropout_p, const char* op) {
+                            double scale, double dropout_p, const char* op, bool causal_lower_right = false) {
   AttentionParams p{};
   p.q = in.q.const_data_ptr();
   p.k = in.k.const_data_ptr();
@@ -118,6 +120,7 @@ inline AttentionParams make_params(const Inputs& in, const at::Tensor& out, cons
   p.head_dim = static_cast<int>(in.q.size(3));
   p.scale = static_cast<float>(scale);
   p.is_causal = is_causal;
+  p.causal_offset = is_causal && causal_lower_right ? p.kv_len - p.q_len : 0;
   p.mask_kind = MaskKind::kNone;
   p.mask = nullptr;
   if (in.mask.defined()) {
@@ -147,9 +150,10 @@ inline AttentionBackwardParams make_backward_params(const Inputs& in, const at::
                                                     const at::Tensor& lse, const at::Tensor& rng_state,
                                                     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                                     const at::Tensor& delta, bool is_causal, double scale,
-                                                    double dropout_p, const char* op) {
+                                                    double dropout_p, const char* op,
+                                                    bool causal_lower_right = false) {
   AttentionBackwardParams bp{};
-  bp.fwd = make_params(in, out, lse, is_causal, scale, dropout_p, op);
+  bp.fwd = make_params(in, out, lse, is_causal, scale, dropout_p, op, causal_lower_right);
   bp.fwd.rng_state = const_cast<int64_t*>(rng_state.const_data_ptr<int64_t>());
   if (dropout_p > 0.0) {
     bp.fwd.philox = PhiloxState{};

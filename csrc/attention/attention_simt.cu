@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Atte
   const int d = p.head_dim;
   const int kv_limit = kv_limit_of(p, b);
   const int key_rows = min(kBlockRows, p.kv_len - n0);
-  const int m_begin = p.is_causal ? n0 : 0;  // queries before the first key see none of them
+  const int m_begin = first_query_of(p, n0);  // earlier queries see none of these keys
   const bool hidden = n0 >= kv_limit || m_begin >= p.q_len;
   const int64_t kv_row0 = (static_cast<int64_t>(b) * p.kv_heads + hkv) * p.kv_len + n0;
   if (hidden) {

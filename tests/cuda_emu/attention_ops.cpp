@@ -37,7 +37,7 @@ Inputs device_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale, double dropout_p, int64_t seed,
-    int64_t offset, bool seed_in_device_memory, bool pass_padding_mask, int64_t misalign) {
+    int64_t offset, bool seed_in_device_memory, bool pass_padding_mask, int64_t misalign, bool causal_lower_right) {
   const Inputs in = device_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, pass_padding_mask, misalign,
                                   "attention_forward");
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
@@ -49,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   gen_state.mutable_data_ptr<int64_t>()[0] = seed;
   gen_state.mutable_data_ptr<int64_t>()[1] = offset;
 
-  AttentionParams p = attention_glue::make_params(in, out, lse, is_causal, scale, dropout_p, "attention_forward");
+  AttentionParams p = attention_glue::make_params(in, out, lse, is_causal, scale, dropout_p, "attention_forward",
+                                                  causal_lower_right);
   p.rng_state = rng_state.mutable_data_ptr<int64_t>();
   if (dropout_p > 0.0) {
     if (seed_in_device_memory) {
@@ -69,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale, double dropout_p,
-    bool deterministic, bool pass_padding_mask, int64_t misalign) {
+    bool deterministic, bool pass_padding_mask, int64_t misalign, bool causal_lower_right) {
   const Inputs in = device_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, pass_padding_mask, misalign,
                                   "attention_backward");
   const at::Tensor ddout = to_device_strided(attention_glue::rows_contiguous(grad_out), misalign);
@@ -82,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor delta = device_empty({B, H, Sq}, at::kFloat);
 
   AttentionBackwardParams bp = attention_glue::make_backward_params(
-      in, ddout, dout_c, dlse, drng, gq, gk, gv, delta, is_causal, scale, dropout_p, "attention_backward");
+      in, ddout, dout_c, dlse, drng, gq, gk, gv, delta, is_causal, scale, dropout_p, "attention_backward",
+      causal_lower_right);
   bp.deterministic = deterministic;
   const size_t bytes = attention_backward_cuda_workspace_bytes(bp);
   at::Tensor workspace;
@@ -113,12 +115,13 @@ TORCH_LIBRARY_FRAGMENT(vae_ext_emu, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, "
       "float scale, float dropout_p=0.0, int seed=0, int offset=0, bool seed_in_device_memory=False, "
-      "bool pass_padding_mask=True, int misalign=0) -> (Tensor, Tensor, Tensor)",
+      "bool pass_padding_mask=True, int misalign=0, bool causal_lower_right=False) -> (Tensor, Tensor, Tensor)",
       &attention_forward);
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rng_state, "
       "Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, float scale, float dropout_p=0.0, "
-      "bool deterministic=False, bool pass_padding_mask=True, int misalign=0) -> (Tensor, Tensor, Tensor, Tensor)",
+      "bool deterministic=False, bool pass_padding_mask=True, int misalign=0, bool causal_lower_right=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
       &attention_backward);
   m.def("attention_workspace_bytes(Tensor q, Tensor k, bool deterministic=False) -> int", &attention_workspace_bytes);
 }

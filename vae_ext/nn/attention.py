@@ -295,11 +295,24 @@ def replace_attention(model: nn.Module, layers: bool = True) -> nn.Module:
     are replaced; subclasses with their own forward are left alone. Do this before creating
     the optimizer (or before wrapping in DistributedDataParallel): the parameters are new
     tensors.
+
+    timm's ``timm.layers.Attention`` (ViT and friends), when timm is imported, is switched in
+    place to ``vae_ext.integrations.timm.FusedAttention`` (same module, same parameters).
     """
+    import sys
+
     from vae_ext.nn import transformer as _transformer
+
+    timm_convert = None
+    if "timm" in sys.modules:  # a model holding timm's Attention means timm is imported
+        from vae_ext.integrations import timm as _timm
+
+        timm_convert = _timm.convert
 
     def convert(module: nn.Module) -> nn.Module:
         t = type(module)
+        if timm_convert is not None and timm_convert(module):
+            return module
         if layers and t is nn.TransformerEncoderLayer:
             return _transformer.TransformerEncoderLayer.from_torch(module)
         if layers and t is nn.TransformerDecoderLayer:

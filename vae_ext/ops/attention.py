@@ -11,6 +11,9 @@ from vae_ext._validation import (FLOAT_DTYPES, broadcast_shape, check_float, che
                                  check_seed, check_tensor, seed_to_int64)
 
 OP = "masked_attention"
+# Where the causal mask's diagonal starts: query i sees keys j <= i ("upper_left", SDPA's
+# is_causal) or j <= i + Sk - Sq ("lower_right", KV-cache decoding).
+CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
 
 
 def _has_kernel() -> bool:
@@ -63,7 +66,7 @@ def _check_mask_broadcast(name: str, mask: torch.Tensor, full: tuple[int, int, i
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                      key_padding_mask: torch.Tensor | None = None, is_causal: bool = False,
                      scale: float | None = None, dropout_p: float = 0.0, generator: torch.Generator | None = None,
-                     seed: int | None = None) -> torch.Tensor:
+                     seed: int | None = None, causal_alignment: str = "upper_left") -> torch.Tensor:
     r"""Masked multi-head attention, softmax(q kᵀ · scale + mask) · v, fused.
 
     Args:
@@ -75,7 +78,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         key_padding_mask: (B, Sk) bool, True = that key is padding and is ignored (the
             nn.MultiheadAttention convention).
         is_causal: query i sees keys j <= i, top-left aligned, exactly as
-            F.scaled_dot_product_attention.
+            F.scaled_dot_product_attention (causal_alignment="upper_left"), or
+            keys j <= i + Sk - Sq, bottom-right aligned (causal_alignment="lower_right":
+            torch's causal_lower_right, FlashAttention's convention, what decoding with a
+            KV cache needs; with Sq > Sk the first Sq - Sk query rows see no key).
         scale: score scale, default 1/sqrt(D).
         dropout_p: probability of dropping an attention weight (the kept ones are scaled by
             1 / (1 - dropout_p)); randomness as in vae_ext.reparameterize (generator / default
@@ -120,6 +126,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         _check_mask_broadcast("attn_mask", attn_mask, full)
     if not isinstance(is_causal, bool):
         raise TypeError(f"{OP}: is_causal must be a bool, got {type(is_causal).__name__}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"{OP}: causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -135,12 +143,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     ok, reason = supports(q.device, q.dtype, d, mask_grad)
     if not _backend.use_extension(OP, ok, reason):
         return reference.masked_attention(q, k, v, attn_mask, key_padding_mask, is_causal, float(scale),
-                                          float(dropout_p), generator, seed)
+                                          float(dropout_p), generator, seed, causal_alignment)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(torch.float32)
     seed64 = None if seed is None else seed_to_int64(seed)
     out, _lse, _rng = torch.ops.vae_ext.masked_attention_forward(
-        q, k, v, attn_mask, key_padding_mask, is_causal, float(scale), float(dropout_p), seed64, generator)
+        q, k, v, attn_mask, key_padding_mask, is_causal, float(scale), float(dropout_p), seed64, generator,
+        is_causal and causal_alignment == "lower_right")
     return out
 
 
@@ -148,7 +157,8 @@ def _register() -> None:
     """Fake (meta) kernels for the compiled ops (their autograd is in C++)."""
 
     @torch.library.register_fake("vae_ext::masked_attention_forward")
-    def _(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, generator):
+    def _(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed, generator,
+          causal_lower_right=False):
         torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                      lambda: "masked_attention_forward: q, k, v must be 4-D")
         torch._check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
@@ -162,7 +172,8 @@ def _register() -> None:
         return out, lse, rng_state
 
     @torch.library.register_fake("vae_ext::masked_attention_backward")
-    def _(grad_out, q, k, v, out, lse, rng_state, attn_mask, key_padding_mask, is_causal, scale, dropout_p):
+    def _(grad_out, q, k, v, out, lse, rng_state, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
+          causal_lower_right=False):
         torch._check(grad_out.shape == q.shape, lambda: "masked_attention_backward: grad_out must have q's shape")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
