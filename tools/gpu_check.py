@@ -25,11 +25,12 @@ what was done. Files written to --out (default $OUT, else benchmarks/results;
 build/gpu-check for a dry run), at most 8: gpu-check.log, <device>-<yyyymmdd>.json (DESIGN.md's results format),
 <device>-<yyyymmdd>.md, tests.txt, sanitizer.txt, ncu.txt.
 
-Without a CUDA device it is a dry run of the same steps (measured on the 2-core
-build machine, 2026-12-01): it builds the extension as `make build` does (CPU
-and CUDA compile; incremental, ~1 min when only a kernel changed, ~10 min from
-scratch), runs the emulated CUDA tests (~2-4 min), prints each GPU step with the
-budget it would get, and exits 0 when both pass.
+Without a CUDA device it is a dry run of the same steps: it builds the extension
+as `make build` does (CPU and CUDA compile for sm_80 and sm_90; incremental:
+only what changed), runs the emulated CUDA tests, prints each GPU step with the
+budget it would get, and exits 0 when both pass. Measured on the 2-core build
+machine (2026-12-01, shared with other builds): the build from scratch 967 s
+(11.5 min of CPU), the emulated CUDA tests 121 s (397 tests, race detection on).
 
 Usage: python3 tools/gpu_check.py [--out DIR] [--dry-run]
 """
