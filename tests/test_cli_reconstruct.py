@@ -85,3 +85,17 @@ def test_reconstruct_bad_requests_exit_2(files, tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "bad.png"), "--weights", str(root / "vae"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_bench_sd_vae_quick(tmp_path, capsys):
+    """`vae-ext bench --ops sd_vae`: the SD 1.x decode, fused vs reference vs diffusers."""
+    pytest.importorskip("diffusers")
+    import json
+
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "sd_vae", "--out", str(tmp_path),
+                 "--min-time", "0.01"]) == 0
+    assert "sd_vae_decode" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    impls = {r["impl"] for r in rows if r["op"] == "sd_vae_decode"}
+    assert impls == {"fused", "reference", "diffusers"}
+    assert all(r["pass"] == "fwd" and r["median_ms"] > 0 for r in rows if r["op"] == "sd_vae_decode")
