@@ -368,9 +368,9 @@ def test_tiled_decode_against_untiled(small_pair):
         blend[start:start + 8] = True
     zone = blend[:, None] | blend[None, :]
     err = (tiled - full).abs()[0].amax(0)
-    assert err[~zone].max() <= 0.5 * scale  # stated tolerance away from the seams (GroupNorm per tile)
-    assert err[zone].max() <= 0.5 * scale   # and inside the blend zones: no seam blow-up
-    assert (tiled - full).abs().mean() <= 0.1 * scale
+    # stated tolerances (measured: away 0.05 mean / 0.25 max, blend zones 0.09 / 0.32, of max |untiled|)
+    assert err[~zone].mean() <= 0.08 * scale and err[~zone].max() <= 0.35 * scale
+    assert err[zone].mean() <= 0.13 * scale and err[zone].max() <= 0.45 * scale
 
 
 def test_tiled_decode_of_a_large_latent_bounded(small_pair):
