@@ -260,6 +260,8 @@ def test_bad_config_and_inputs(small_pair):
         ours.encode(torch.randn(1, 4, 8, 8))
     with pytest.raises(TypeError, match="z must be a floating tensor"):
         ours.decode(torch.zeros(1, 4, 4, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="z has dtype torch.float64, the model torch.float32"):
+        ours.decode(torch.zeros(1, 4, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="z is empty"):
         ours.decode(torch.zeros(0, 4, 4, 4))
     with pytest.raises(ValueError, match="tile_sample_size must be a multiple of 2"):

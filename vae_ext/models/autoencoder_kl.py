@@ -117,7 +117,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        tokens = self.group_norm(x).view(n, c, h * w).transpose(1, 2)  # (N, HW, C)
+        tokens = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, HW, C)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C)
         out = vae_ext.masked_attention(q, k, v).squeeze(1)
         out = self.to_out[1](self.to_out[0](out))
@@ -361,7 +361,8 @@ class AutoencoderKL(nn.Module):
         """An original-LDM-layout file (ComfyUI / A1111: ``encoder.down.0.block.0.norm1.weight``,
         attention as 1×1 convs), standalone or the ``first_stage_model.`` part of a whole SD
         checkpoint (a file already in the diffusers layout is accepted too); safetensors or a torch
-        pickle (``weights_only=True``). The architecture comes from ``preset`` (see ``PRESETS``) or
+        pickle (``weights_only=True``). Training-only entries of LDM files (``loss.*``, the
+        discriminator and LPIPS; ``model_ema.*``) are left out. The architecture comes from ``preset`` (see ``PRESETS``) or
         a full ``config`` dict; a preset that does not fit the file raises ``CheckpointError``."""
         from vae_ext.models.autoencoder_kl_weights import load_single_file
 
@@ -463,6 +464,9 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{_NAME}: {name} is empty (shape {tuple(x.shape)})")
         if x.device != self.device:
             raise ValueError(f"{_NAME}: {name} is on {x.device}, the model on {self.device}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{_NAME}: {name} has dtype {x.dtype}, the model {self.dtype} (cast it with "
+                            f"{name}.to(model.dtype))")
 
     @staticmethod
     def _blend_v(a, b, extent):
