@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="profile one decode per impl at the first size, float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--reverse", action="store_true", help="diffusers first in the first round")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,12 +188,13 @@ def main(argv=None):
             for fn in decs.values():
                 fn(torch.randn(1, 4, 8, 8, device=device, dtype=dtype))  # warm-up at a small size
             z = torch.randn(1, 4, side, side, device=device, dtype=dtype)
-            outs = {}
+            outs, times = {}, {impl: [] for impl in decs}
             for r in range(args.rounds):
-                order = list(decs) if r % 2 == 0 else list(reversed(decs))
+                order = list(decs) if (r + args.reverse) % 2 == 0 else list(reversed(decs))
                 for impl in order:
                     seconds, peak, out = timed_peak(decs[impl], z)
                     outs[impl] = out
+                    times[impl].append(seconds)
                     diff = "" if impl == "diffusers" or "diffusers" not in outs else \
                         f"{(out.float() - outs['diffusers'].float()).abs().max().item():.2e}"
                     dt = str(dtype).replace("torch.", "")
@@ -200,7 +202,9 @@ def main(argv=None):
                           f"{diff} |", flush=True)
             if "fused" in outs and "diffusers" in outs:
                 d = (outs["fused"].float() - outs["diffusers"].float()).abs().max().item()
-                print(f"|   |   |   | fused vs diffusers max abs diff | {d:.2e} | | |", flush=True)
+                med = {impl: sorted(ts)[len(ts) // 2] for impl, ts in times.items()}
+                print(f"| {side}x{side} | median of {args.rounds} | | fused / diffusers time "
+                      f"{med['fused'] / med['diffusers']:.2f} | | | {d:.2e} |", flush=True)
             del decs, outs
 
 
