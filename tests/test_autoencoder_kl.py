@@ -170,7 +170,9 @@ def test_key_table_matches_diffusers_ldm_converter(small_pair):
     ref, ours, _ = small_pair
     ldm = diffusers_to_ldm(ours.state_dict(), ours.config)
     assert ldm["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
-    assert "decoder.up.0.block.1.conv1.weight" in ldm and "decoder.up.1.upsample.conv.weight" in ldm and "encoder.down.0.block.0.norm1.weight" in ldm
+    for key in ("decoder.up.0.block.1.conv1.weight", "decoder.up.1.upsample.conv.weight",
+                "encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight"):
+        assert key in ldm, key
     converted = convert_ldm_vae_checkpoint(dict(ldm), dict(ours.config))
     ours_sd = ours.state_dict()
     assert set(converted) == set(ours_sd)

@@ -362,8 +362,9 @@ class AutoencoderKL(nn.Module):
         attention as 1×1 convs), standalone or the ``first_stage_model.`` part of a whole SD
         checkpoint (a file already in the diffusers layout is accepted too); safetensors or a torch
         pickle (``weights_only=True``). Training-only entries of LDM files (``loss.*``, the
-        discriminator and LPIPS; ``model_ema.*``) are left out. The architecture comes from ``preset`` (see ``PRESETS``) or
-        a full ``config`` dict; a preset that does not fit the file raises ``CheckpointError``."""
+        discriminator and LPIPS; ``model_ema.*``) are left out. The architecture comes from
+        ``preset`` (see ``PRESETS``) or a full ``config`` dict; a preset that does not fit the
+        file raises ``CheckpointError``."""
         from vae_ext.models.autoencoder_kl_weights import load_single_file
 
         return load_single_file(cls, path, preset=preset, config=config, dtype=dtype)
