@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS := ninja numpy pytest pytest-benchmark scipy expecttest scikit-learn tqdm matplotlib
 # Oracles of the integration tests (torchvision pinned to the build that matches TORCH_SPEC).
-DEPS += diffusers transformers timm safetensors torchvision==0.29.1
+DEPS += diffusers transformers timm safetensors pillow torchvision==0.29.1
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml

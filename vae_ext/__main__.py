@@ -3,6 +3,7 @@
     python -m vae_ext train [--model conv|mlp|transformer] [--data digits|text|PATH] ...
     python -m vae_ext bench [--quick] [--device cpu|cuda] [--out DIR]
     python -m vae_ext info  [--json]
+    python -m vae_ext reconstruct IMAGE... --weights PATH [--preset sd1|sd2|sdxl|sd3|flux] [--tile PX] [--out DIR]
     python -m vae_ext demo      what `make demo` runs: a short ConvVAE training, fused vs reference
 
 Exit codes: 0 done, 1 an unexpected error, 2 a bad request (arguments, data, checkpoint).
@@ -111,6 +112,12 @@ def _cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def _cmd_reconstruct(args) -> int:
+    from vae_ext import reconstruct
+
+    return reconstruct.main(args)
+
+
 def _cmd_demo(args) -> int:
     from vae_ext import demo
 
@@ -130,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, no torch.compile peer: a few seconds")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--ops", default="attention,reparameterize,elbo",
-                   help="comma-separated subset of attention, reparameterize, elbo")
+                   help="comma-separated subset of attention, reparameterize, elbo, sd_vae (the SD VAE "
+                        "decode vs diffusers; not in the default set: slow on a CPU)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for bench.json and bench.png")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timing per case")
     p.set_defaults(func=_cmd_bench)
@@ -138,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what was built and which backend each op uses here")
     p.add_argument("--json", action="store_true", help="print the backend_info() dict as JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("reconstruct", help="encode and decode images with a Stable Diffusion VAE checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--weights", required=True, metavar="PATH",
+                   help="a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or a single "
+                        "checkpoint file in the LDM layout (a VAE file or a whole SD checkpoint; needs --preset)")
+    p.add_argument("--preset", default=None, choices=("sd1", "sd2", "sdxl", "sd3", "flux"),
+                   help="the model family of a single checkpoint file")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="tiled encode/decode with tiles of PX pixels (bounded memory for big images)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--out", default=os.path.join("runs", "reconstruct"),
+                   help="folder for the side-by-side images (default %(default)s)")
+    p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("demo", help="what `make demo` runs: ConvVAE on digits, fused vs reference time per step")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the fused run (default 100)")
@@ -152,13 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from vae_ext.data import DataError
+    from vae_ext.models.autoencoder_kl_weights import CheckpointError
     from vae_ext.train import TrainError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, TrainError) as exc:
+    except (DataError, TrainError, CheckpointError) as exc:
         print(f"vae-ext {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

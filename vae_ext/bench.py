@@ -29,7 +29,7 @@ import torch
 import vae_ext
 from vae_ext import _report, reference
 
-OPS = ("attention", "reparameterize", "elbo")
+OPS = ("attention", "reparameterize", "elbo", "sd_vae")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Case:
     bytes_fwd: float | None = None
     bytes_bwd: float | None = None
     flops_fwd: float | None = None
+    passes: tuple[str, ...] = ("fwd", "fwd+bwd")
 
 
 def _timeit(fn: Callable, device: torch.device, min_time: float, warmup: int = 2, min_reps: int = 5,
@@ -175,6 +176,44 @@ def _attention_cases(device, sizes) -> list[Case]:
     return cases
 
 
+def _sd_vae_cases(device, quick) -> list[Case]:
+    """Decode of one latent by the SD 1.x VAE (random weights): vae_ext's AutoencoderKL with the
+    fused attention (fused), the same model on the reference ops (reference), diffusers'
+    AutoencoderKL with its default attention on the same weights (diffusers; left out when
+    diffusers is not installed). Forward only, no grad."""
+    from vae_ext.models import AutoencoderKL
+
+    side, dtype = (2, torch.float32) if quick else \
+        ((64, torch.bfloat16) if device.type == "cuda" else (32, torch.float32))
+    ours = AutoencoderKL.from_preset("sd1").to(device, dtype).eval()
+    z = torch.randn(1, 4, side, side, device=device, dtype=dtype)
+    impls = {"fused": lambda: ours.decode,
+             "reference": lambda: (lambda zz: _with_reference(ours.decode, zz))}
+    try:
+        import diffusers
+
+        peer = diffusers.AutoencoderKL(**ours.config).to(device, dtype).eval()
+        peer.load_state_dict(ours.state_dict())
+        impls["diffusers"] = lambda: (lambda zz: peer.decode(zz).sample)
+    except ImportError:
+        pass
+
+    def make(fn, backward):
+        def run():
+            with torch.no_grad():
+                return fn(z)
+        return run
+
+    dt = str(dtype).replace("torch.", "")
+    return [Case("sd_vae_decode", f"SD1 latent {side}x{side} -> {8 * side}px {dt}", {"make": make, **impls},
+                 passes=("fwd",))]
+
+
+def _with_reference(fn, *args):
+    with vae_ext.use_backend("reference"):
+        return fn(*args)
+
+
 def _ceilings(device, quick, min_time) -> list[dict]:
     n = (64 if device.type == "cuda" else 16) * 1024 * 1024 // 4 if quick else \
         (256 if device.type == "cuda" else 64) * 1024 * 1024 // 4
@@ -207,11 +246,13 @@ def run(device: torch.device, quick: bool = False, ops=OPS, min_time: float | No
         cases.append(_reparam_case(device, sizes["reparam"], quick))
     if "elbo" in ops:
         cases += _elbo_cases(device, sizes, quick)
+    if "sd_vae" in ops:
+        cases += _sd_vae_cases(device, quick)
     rows, notes = _ceilings(device, quick, min_time), []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for case in cases:
         make = case.impls["make"]
-        for pass_ in ("fwd", "fwd+bwd"):
+        for pass_ in case.passes:
             backward = pass_ == "fwd+bwd"
             fns = {}
             for impl, factory in case.impls.items():

@@ -9,6 +9,7 @@ import torch
 import vae_ext
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+RNG_STREAMS = ("philox", "torch")
 _NAME = "DiagonalGaussian"
 
 
@@ -28,12 +29,26 @@ class DiagonalGaussian:
     ``var``, ``deterministic``. Dim 0 is the batch: ``kl`` and ``nll`` sum over all other
     dims and return shape (N,).
 
+    ``rng`` says where ``sample`` draws ε from when no ``seed`` is given:
+
+    - ``"philox"`` (default): inside the fused ``reparameterize`` kernel, from vae_ext's
+      Philox-4x32-10 stream keyed by the generator (or the device's default generator) —
+      no ε tensor in memory, but not the numbers ``torch.randn`` gives for that generator;
+      a generator on another device than the tensors, or a list of generators, draws with
+      ``torch.randn`` on the generator's device instead.
+    - ``"torch"``: ``torch.randn(shape, generator=g, device=g.device, dtype=mean.dtype)``, moved
+      to the tensors' device (one draw of shape (1, ...) per generator for a list) — exactly
+      diffusers' ``randn_tensor``, so ``sample(generator)`` reproduces a seeded diffusers latent
+      for a CPU or CUDA generator; then mean + std·ε runs in ``reparameterize`` with that ε.
+      ``AutoencoderKL.encode`` returns posteriors in this mode.
+
     ``deterministic=True`` makes it a point mass at the mean: ``sample`` returns the mean,
     ``std``/``var`` are zeros, ``kl`` and ``nll`` are zeros of shape (N,) (diffusers returns
     ``tensor([0.])``).
     """
 
-    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, dim: int = 1) -> None:
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, dim: int = 1,
+                 rng: str = "philox") -> None:
         if not isinstance(parameters, torch.Tensor) or not parameters.is_floating_point():
             raise TypeError(f"{_NAME}: parameters must be a floating tensor, got "
                             f"{getattr(parameters, 'dtype', type(parameters).__name__)}")
@@ -48,11 +63,11 @@ class DiagonalGaussian:
                              f"{tuple(parameters.shape)}")
         self.parameters = parameters
         mean, logvar = torch.chunk(parameters, 2, dim=dim)
-        self._init(mean, logvar, deterministic)
+        self._init(mean, logvar, deterministic, rng)
 
     @classmethod
-    def from_mean_logvar(cls, mean: torch.Tensor, logvar: torch.Tensor, deterministic: bool = False
-                         ) -> "DiagonalGaussian":
+    def from_mean_logvar(cls, mean: torch.Tensor, logvar: torch.Tensor, deterministic: bool = False,
+                         rng: str = "philox") -> "DiagonalGaussian":
         """Build it from ``mean`` and ``logvar`` of the same shape (N, ...)."""
         for name, t in (("mean", mean), ("logvar", logvar)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -63,10 +78,13 @@ class DiagonalGaussian:
                              f"{tuple(mean.shape)} and {tuple(logvar.shape)}")
         self = cls.__new__(cls)
         self.parameters = None
-        self._init(mean, logvar, deterministic)
+        self._init(mean, logvar, deterministic, rng)
         return self
 
-    def _init(self, mean, logvar, deterministic):
+    def _init(self, mean, logvar, deterministic, rng):
+        if rng not in RNG_STREAMS:
+            raise ValueError(f"{_NAME}: rng must be one of {RNG_STREAMS}, got {rng!r}")
+        self.rng = rng
         self.mean = mean
         self.logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
         self.deterministic = bool(deterministic)
@@ -93,8 +111,10 @@ class DiagonalGaussian:
 
         ``generator``: a torch.Generator (also one on another device than the tensors: ε is
         then drawn there and moved), a list of N generators (one per batch element, as
-        diffusers), or None for the default generator. ``seed``: the stateless mode of
-        ``reparameterize`` (same draws on every backend). ``num_samples=K > 1`` returns (K, *shape).
+        diffusers), or None for the default generator. Which stream ε comes from is the
+        distribution's ``rng`` (see the class docstring: the kernel's Philox stream, or
+        ``torch.randn`` as diffusers). ``seed``: the stateless mode of ``reparameterize`` (same
+        draws on every backend, either ``rng``). ``num_samples=K > 1`` returns (K, *shape).
         """
         if self.deterministic:
             return self.mean if num_samples == 1 else self.mean.expand(num_samples, *self.mean.shape)
@@ -107,6 +127,11 @@ class DiagonalGaussian:
             parts = [torch.randn((*k_shape, 1, *self.mean.shape[1:]), generator=g, device=g.device,
                                  dtype=self.mean.dtype) for g in generator]
             eps = torch.cat(parts, dim=len(k_shape)).to(self.mean.device)
+            generator = None
+        elif self.rng == "torch" and seed is None:
+            where = generator.device if generator is not None else self.mean.device
+            eps = torch.randn((*k_shape, *self.mean.shape), generator=generator, device=where,
+                              dtype=self.mean.dtype).to(self.mean.device)
             generator = None
         elif generator is not None and generator.device.type != self.mean.device.type:
             eps = torch.randn((*k_shape, *self.mean.shape), generator=generator, device=generator.device,
@@ -161,4 +186,4 @@ class DiagonalGaussian:
 
     def __repr__(self) -> str:
         return (f"DiagonalGaussian(shape={tuple(self.mean.shape)}, dtype={self.mean.dtype}, "
-                f"deterministic={self.deterministic})")
+                f"deterministic={self.deterministic}, rng={self.rng!r})")
