@@ -287,14 +287,24 @@ inline T exp_sub_sum(T* x, int64_t n, T sub) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
 
-// x[j] = exp(x[j] - sub), no sum.
+// x[j] = exp(x[j] - sub), no sum; exactly 0 where x[j] = -inf (a hidden pair) even when
+// sub is NaN (the lse of a row that saw a NaN score): NaN flows along visible pairs only.
+template <typename T>
+inline Vec<T> exp_sub_hidden0(const Vec<T>& x, const Vec<T>& vs, const Vec<T>& vninf) {
+  return Vec<T>::blendv(vexp(x - vs), Vec<T>(T(0)), x == vninf);
+}
+
 template <typename T>
 inline void exp_sub(T* x, int64_t n, T sub) {
+  if (sub != sub) {  // a NaN row: NaN at every visible pair (the fast vector exp need not keep a NaN)
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] == neg_inf<T>() ? T(0) : std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vs(sub), vninf(neg_inf<T>());
   int64_t j = 0;
-  for (; j + L <= n; j += L) vexp(Vec<T>::loadu(x + j) - vs).store(x + j);
-  if (j < n) vexp(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j) - vs).store(x + j, n - j);
+  for (; j + L <= n; j += L) exp_sub_hidden0(Vec<T>::loadu(x + j), vs, vninf).store(x + j);
+  if (j < n) exp_sub_hidden0(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, vninf).store(x + j, n - j);
 }
 
 template <typename T>
@@ -401,9 +411,9 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       if (p.mask_kind == MaskKind::kAdditive) {
         const float* m = static_cast<const float*>(p.mask) + off;
         if (cs == 1) {
-          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j]);
+          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j]));
         } else {
-          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j * cs]);
+          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j * cs]));
         }
       } else {
         const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
@@ -425,6 +435,63 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       T* srow = s + r * lds;
       for (int64_t j = first_hidden; j < nk; ++j) srow[j] = ninf;
     }
+  }
+}
+
+// Whether some (query, key) pair of a tile may be hidden by a mask (a probability that is
+// 0 by the mask, not by the scores): any tile of a causal or masked problem, a tile with
+// some padding. (Conservative for causal: only the NaN check of gemm_tile depends on it.)
+inline bool tile_hides_pairs(const Problem& pr, uint8_t pad) {
+  return pad == kSomePadding || pr.p.mask_kind != MaskKind::kNone || pr.p.is_causal;
+}
+
+// Whether a (n x d, row stride ld) block holds a NaN (x * 0 is NaN for NaN and +-inf: checked per lane).
+template <typename T>
+bool any_nan_rows(const T* x, int64_t ld, int64_t n, int64_t d) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = x + r * ld;
+    int64_t j = 0;
+    Vec<T> acc(T(0));
+    for (; j + Vec<T>::size() <= d; j += Vec<T>::size()) acc = acc + Vec<T>::loadu(row + j) * Vec<T>(T(0));
+    alignas(64) T lanes[Vec<T>::size()];
+    acc.store(lanes);
+    for (int64_t l = 0; l < Vec<T>::size(); ++l) {
+      if (lanes[l] != lanes[l]) return true;
+    }
+    for (; j < d; ++j) {
+      if (row[j] != row[j]) return true;
+    }
+  }
+  return false;
+}
+
+// C (m x n, row stride ldc) += alpha op(A) B over the nonzero entries of A only: the
+// product of a tile with hidden pairs (A = P or dS, exactly 0 there) when B holds a NaN,
+// so that 0 · NaN does not carry the NaN of a hidden key (or query, or gradient row)
+// into the rows that do not see it. op(A) = A (m x k, row stride lda) or Aᵀ (A: k x m).
+template <typename T>
+void gemm_skip_zero(bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                    int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    T* out = c + r * ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const T w = trans_a ? a[p * lda + r] : a[r * lda + p];
+      if (w == T(0)) continue;
+      const Vec<T> vw(alpha * w);
+      at::vec::map2<T>([vw](Vec<T> o, Vec<T> x) { return at::vec::fmadd(vw, x, o); }, out, out, b + p * ldb, n);
+    }
+  }
+}
+
+// The product C += alpha op(A) B of a tile: gemm, or gemm_skip_zero where the tile hides
+// pairs and B holds a NaN (checked only then).
+template <typename T>
+void gemm_tile(bool hides_pairs, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
+  if (hides_pairs && any_nan_rows(b, ldb, k, n)) {
+    gemm_skip_zero(trans_a, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+  } else {
+    gemm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(1), c, ldc, pack);
   }
 }
 
@@ -554,7 +621,9 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
                        k0 * p.v_row_stride;
     int64_t ldv = 0;
     const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
-    gemm<acc_t>(false, false, mq, D, nk, acc_t(1), s, bk, vptr, ldv, acc_t(1), ws.acc.data(), D, ws.pack);
+    // out += P V (a NaN value of a hidden key stays out of the rows that do not see it)
+    gemm_tile<acc_t>(tile_hides_pairs(pr, pad), false, mq, D, nk, acc_t(1), s, bk, vptr, ldv,
+                     ws.acc.data(), D, ws.pack);
   }
 
   for (int64_t r = 0; r < mq; ++r) {
@@ -738,6 +807,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
           const acc_t* lse = lse_acc + bh * Sq + q0;
           const acc_t* delta = delta_acc + bh * Sq + q0;
 
+          const bool hides = tile_hides_pairs(pr, pad);
           // P = exp(scale q kᵀ + mask - lse)
           gemm<acc_t>(false, true, mq, nk, D, scale, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
           apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
@@ -752,20 +822,24 @@ void backward_impl(const AttentionBackwardParams& bp) {
               mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
             }
             // dv += dropped Pᵀ dout
-            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), z, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+            gemm_tile<acc_t>(hides, true, nk, D, mq, acc_t(1), z, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           } else {
-            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), s, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+            gemm_tile<acc_t>(hides, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           }
-          // dS = P * (dP - delta), in place of dP
+          // dS = P * (dP - delta), in place of dP; 0 where P is 0 (softmax_grad: no NaN
+          // from a hidden key's value or a NaN row's delta through a hidden pair)
           for (int64_t r = 0; r < mq; ++r) {
-            const Vec<acc_t> vd(delta[r]);
-            at::vec::map2<acc_t>([vd](Vec<acc_t> pv, Vec<acc_t> dpv) { return pv * (dpv - vd); }, dpb + r * bk,
-                                 s + r * bk, dpb + r * bk, nk);
+            const Vec<acc_t> vd(delta[r]), zero(acc_t(0));
+            at::vec::map2<acc_t>(
+                [vd, zero](Vec<acc_t> pv, Vec<acc_t> dpv) {
+                  return Vec<acc_t>::blendv(pv * (dpv - vd), zero, pv == zero);
+                },
+                dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
-          // dk += scale dSᵀ q; dq += scale dS k
-          gemm<acc_t>(true, false, nk, D, mq, scale, dpb, bk, qptr, ldq, acc_t(1), ws.dk.data(), D, ws.pack);
-          gemm<acc_t>(false, false, mq, D, nk, scale, dpb, bk, kptr, ldk, acc_t(1), dq_acc + (bh * Sq + q0) * D, D,
-                      ws.pack);
+          // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
+          gemm_tile<acc_t>(hides, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);
+          gemm_tile<acc_t>(hides, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
+                           ws.pack);
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
