@@ -60,9 +60,10 @@ def is_concrete(x) -> bool:
     return isinstance(x, (int, float)) and not torch.compiler.is_compiling()
 
 
-def as_float(x):
-    """float(x) for a plain number; a symbolic one stays symbolic (float() would specialise it)."""
-    return float(x) if is_concrete(x) else x
+def as_float(x) -> float:
+    """float(x), also while torch.compile traces (a symbolic float is then specialised: the op
+    schemas take a plain float, and inductor cannot pass a symbolic one to a custom op)."""
+    return float(x)
 
 
 def seed_to_int64(seed: int) -> int:
