@@ -445,21 +445,27 @@ inline bool tile_hides_pairs(const Problem& pr, uint8_t pad) {
   return pad == kSomePadding || pr.p.mask_kind != MaskKind::kNone || pr.p.is_causal;
 }
 
-// Whether a (n x d, row stride ld) block holds a NaN (x * 0 is NaN for NaN and +-inf: checked per lane).
+// Whether a (n x d, row stride ld) block holds a NaN. One vector add per element: the
+// sum of finite values is finite unless it overflows, so only a non-finite sum (NaN, or
+// an inf or an overflow) is followed by the exact scan.
 template <typename T>
 bool any_nan_rows(const T* x, int64_t ld, int64_t n, int64_t d) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc(T(0));
+  T total = 0;
   for (int64_t r = 0; r < n; ++r) {
     const T* row = x + r * ld;
     int64_t j = 0;
-    Vec<T> acc(T(0));
-    for (; j + Vec<T>::size() <= d; j += Vec<T>::size()) acc = acc + Vec<T>::loadu(row + j) * Vec<T>(T(0));
-    alignas(64) T lanes[Vec<T>::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < Vec<T>::size(); ++l) {
-      if (lanes[l] != lanes[l]) return true;
-    }
-    for (; j < d; ++j) {
-      if (row[j] != row[j]) return true;
+    for (; j + L <= d; j += L) acc = acc + Vec<T>::loadu(row + j);
+    for (; j < d; ++j) total += row[j];
+  }
+  alignas(64) T lanes[L];
+  acc.store(lanes);
+  for (int64_t l = 0; l < L; ++l) total += lanes[l];
+  if (total - total == T(0)) return false;  // finite
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < d; ++j) {
+      if (x[r * ld + j] != x[r * ld + j]) return true;
     }
   }
   return false;
