@@ -489,16 +489,23 @@ void gemm_skip_zero(bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, cons
   }
 }
 
-// The product C += alpha op(A) B of a tile: gemm, or gemm_skip_zero where the tile hides
-// pairs and B holds a NaN (checked only then).
+// The product C += alpha op(A) B of a tile: gemm, or gemm_skip_zero when skip_zero (the
+// tile hides pairs and B holds a NaN).
 template <typename T>
-void gemm_tile(bool hides_pairs, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-               const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
-  if (hides_pairs && any_nan_rows(b, ldb, k, n)) {
+void gemm_or_skip(bool skip_zero, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
+  if (skip_zero) {
     gemm_skip_zero(trans_a, m, n, k, alpha, a, lda, b, ldb, c, ldc);
   } else {
     gemm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(1), c, ldc, pack);
   }
+}
+
+// ... with the NaN check of B done here, only where the tile hides pairs.
+template <typename T>
+void gemm_tile(bool hides_pairs, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
+  gemm_or_skip(hides_pairs && any_nan_rows(b, ldb, k, n), trans_a, m, n, k, alpha, a, lda, b, ldb, c, ldc, pack);
 }
 
 // z (mq x nk, row stride ldz) = 1 / (1 - p) where the dropout stream keeps the
@@ -578,8 +585,6 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const int64_t hk = h / pr.G;
   const int64_t end = pr.key_end(b, q0, mq);
   const bool with_out = out != nullptr;
-  ws.rows.assign(static_cast<size_t>(mq), SoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)});
-  if (with_out) ws.acc.assign(static_cast<size_t>(mq * D), acc_t(0));
   ws.s.resize(static_cast<size_t>(pr.bq * bk));
   if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(pr.bq * bk));
   if (!std::is_same_v<scalar_t, acc_t>) {
@@ -595,6 +600,12 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
 
+  // careful: the P V products of tiles with hidden pairs skip the zero weights where V holds
+  // a NaN (gemm_tile). Only a sweep whose output holds a NaN is redone carefully, so the
+  // usual sweep pays no NaN check per tile.
+  auto sweep = [&](bool careful) {
+  ws.rows.assign(static_cast<size_t>(mq), SoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)});
+  if (with_out) ws.acc.assign(static_cast<size_t>(mq * D), acc_t(0));
   for (int64_t kt = 0; kt * bk < end; ++kt) {
     const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
     if (pad == kAllPadding) continue;
@@ -627,10 +638,14 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
                        k0 * p.v_row_stride;
     int64_t ldv = 0;
     const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
-    // out += P V (a NaN value of a hidden key stays out of the rows that do not see it)
-    gemm_tile<acc_t>(tile_hides_pairs(pr, pad), false, mq, D, nk, acc_t(1), s, bk, vptr, ldv,
+    // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
+    gemm_tile<acc_t>(careful && tile_hides_pairs(pr, pad), false, mq, D, nk, acc_t(1), s, bk, vptr, ldv,
                      ws.acc.data(), D, ws.pack);
   }
+  };
+  sweep(false);
+  const bool hides_any = p.key_padding != nullptr || p.mask_kind != MaskKind::kNone || p.is_causal;
+  if (with_out && hides_any && any_nan_rows(ws.acc.data(), D, mq, D)) sweep(true);
 
   for (int64_t r = 0; r < mq; ++r) {
     const SoftmaxRow<acc_t>& st = ws.rows[r];
@@ -671,6 +686,7 @@ void forward_impl(const AttentionParams& p) {
 template <typename acc_t>
 struct BwdWorkspace {
   std::vector<acc_t> q, k, v, dout, s, dp, z, dk, dv, pack;
+  std::vector<int8_t> nan_q, nan_dout;  // per (query head of the group, query tile): -1 unknown, 0, 1
 };
 
 template <typename scalar_t>
@@ -762,6 +778,8 @@ void backward_impl(const AttentionBackwardParams& bp) {
       std::fill(dq_acc + (b * H + hk * G) * Sq * D, dq_acc + (b * H + hk * G + G) * Sq * D, acc_t(0));
     }
     ws.s.resize(static_cast<size_t>(bq * bk));
+    ws.nan_q.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));  // the flags of this task's query tiles
+    ws.nan_dout.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));
     ws.dp.resize(static_cast<size_t>(bq * bk));
     ws.dk.resize(static_cast<size_t>(bk * D));
     ws.dv.resize(static_cast<size_t>(bk * D));
@@ -798,6 +816,10 @@ void backward_impl(const AttentionBackwardParams& bp) {
       std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
       // Queries before k0 see none of these keys under the causal mask.
       const int64_t qt_first = p.is_causal ? (k0 >= Sq ? pr.n_q_tiles : k0 / bq) : 0;
+      // NaN checks of the products' B operands, only in tiles that hide pairs: K once per key
+      // tile, q and dout once per query tile of the task (cached).
+      const bool hides = tile_hides_pairs(pr, pad);
+      const bool nan_k = hides && any_nan_rows(kptr, ldk, nk, D);
 
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = hk * G + hh, bh = b * H + h;
@@ -812,8 +834,16 @@ void backward_impl(const AttentionBackwardParams& bp) {
           const acc_t* gptr = load_rows(gsrc, bp.dout_row_stride, mq, D, ws.dout.data(), ldg);
           const acc_t* lse = lse_acc + bh * Sq + q0;
           const acc_t* delta = delta_acc + bh * Sq + q0;
+          bool nan_q = false, nan_g = false;
+          if (hides) {
+            int8_t& fq = ws.nan_q[hh * pr.n_q_tiles + qt];
+            int8_t& fg = ws.nan_dout[hh * pr.n_q_tiles + qt];
+            if (fq < 0) fq = any_nan_rows(qptr, ldq, mq, D) ? 1 : 0;
+            if (fg < 0) fg = any_nan_rows(gptr, ldg, mq, D) ? 1 : 0;
+            nan_q = fq == 1;
+            nan_g = fg == 1;
+          }
 
-          const bool hides = tile_hides_pairs(pr, pad);
           // P = exp(scale q kᵀ + mask - lse)
           gemm<acc_t>(false, true, mq, nk, D, scale, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
           apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
@@ -828,9 +858,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
               mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
             }
             // dv += dropped Pᵀ dout
-            gemm_tile<acc_t>(hides, true, nk, D, mq, acc_t(1), z, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
+            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), z, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           } else {
-            gemm_tile<acc_t>(hides, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
+            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           }
           // dS = P * (dP - delta), in place of dP; 0 where P is 0 (softmax_grad: no NaN
           // from a hidden key's value or a NaN row's delta through a hidden pair)
@@ -843,9 +873,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
                 dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
           // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
-          gemm_tile<acc_t>(hides, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);
-          gemm_tile<acc_t>(hides, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
-                           ws.pack);
+          gemm_or_skip<acc_t>(nan_q, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);
+          gemm_or_skip<acc_t>(nan_k, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
+                              ws.pack);
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
