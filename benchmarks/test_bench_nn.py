@@ -45,7 +45,7 @@ def test_multihead_attention(benchmark, device, pass_, impl):
     x = torch.randn(b, s, e, device=device, dtype=dtype, requires_grad=pass_ != "fwd")
     pad = torch.zeros(b, s, dtype=torch.bool, device=device)
     pad[: b // 2, -s // 4:] = True  # a quarter of the keys are padding in half the batch
-    causal = vnn.subsequent_mask(s, device=device)
+    causal = vnn.generate_square_subsequent_mask(s, device=device)
 
     def call():
         with _backend(impl):

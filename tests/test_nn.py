@@ -167,7 +167,7 @@ def test_mha_is_causal_with_attn_mask_matches_torch(kpm, need_weights, mask_dtyp
     n, L, E, H = 2, 6, 16, 4
     ref, ours = _pair(E, H, batch_first=True)
     x = _randn(n, L, E, seed=1)
-    am = vnn.subsequent_mask(L, dtype=mask_dtype)
+    am = vnn.generate_square_subsequent_mask(L, dtype=mask_dtype)
     pad = None
     if kpm:
         pad = torch.zeros(n, L, dtype=torch.bool)
@@ -185,7 +185,7 @@ def test_mha_is_causal_with_attn_mask_matches_torch(kpm, need_weights, mask_dtyp
 def test_mha_is_causal_with_bias_kv_keeps_extra_keys_visible():
     ref, ours = _pair(16, 4, batch_first=True, add_bias_kv=True, add_zero_attn=True)
     x = _randn(2, 5, 16, seed=1)
-    am = vnn.subsequent_mask(5)
+    am = vnn.generate_square_subsequent_mask(5)
     # torch's mask path (need_weights) pads the causal mask with visible columns; so does vae_ext.
     _compare(ref, ours, (x, x, x), dict(attn_mask=am, is_causal=True), need_weights=True)
     a = ours(x, x, x, attn_mask=am, is_causal=True, need_weights=False)[0]
@@ -295,7 +295,7 @@ def test_encoder_layer_matches_torch(norm_first, batch_first, activation):
         x = x.transpose(0, 1).contiguous()
     pad = torch.zeros(n, S, dtype=torch.bool)
     pad[0, -2:] = True
-    mask = vnn.subsequent_mask(S)
+    mask = vnn.generate_square_subsequent_mask(S)
     for eval_mode in (True, False):
         ref.train(not eval_mode)
         ours.train(not eval_mode)
@@ -341,7 +341,7 @@ def test_decoder_layer_matches_torch(norm_first, batch_first, activation):
     tpad[1, -1] = True
     mpad = torch.zeros(n, S, dtype=torch.bool)
     mpad[0, -3:] = True
-    causal = vnn.subsequent_mask(T)
+    causal = vnn.generate_square_subsequent_mask(T)
     mmask = torch.rand(T, S, generator=torch.Generator().manual_seed(0)) < 0.3
     mmask[:, 0] = False
     for kwargs in (dict(), dict(tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=mpad),
@@ -387,7 +387,7 @@ def test_stacks_match_torch(batch_first):
     if not batch_first:
         src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
     pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
-    causal = vnn.subsequent_mask(4)
+    causal = vnn.generate_square_subsequent_mask(4)
     mem_t = ref_enc(src, src_key_padding_mask=pad)
     mem_o = ours_enc(src, src_key_padding_mask=pad)
     torch.testing.assert_close(mem_o, mem_t, **F32)
@@ -397,13 +397,13 @@ def test_stacks_match_torch(batch_first):
 
 
 def test_subsequent_mask():
-    torch.testing.assert_close(vnn.subsequent_mask(5, dtype=torch.float32),
+    torch.testing.assert_close(vnn.generate_square_subsequent_mask(5, dtype=torch.float32),
                                nn.Transformer.generate_square_subsequent_mask(5))
-    m = vnn.subsequent_mask(4)
+    m = vnn.generate_square_subsequent_mask(4)
     assert m.dtype == torch.bool and m[0, 1] and not m[1, 0] and not m.diagonal().any()
     assert torch.equal(~m, torch.ones(4, 4, dtype=torch.bool).tril())
     with pytest.raises(ValueError, match="size"):
-        vnn.subsequent_mask(-1)
+        vnn.generate_square_subsequent_mask(-1)
 
 
 def test_positional_encodings():
@@ -452,7 +452,7 @@ def test_replace_attention_transformer_same_outputs(batch_first, monkeypatch):
         src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[1, -3:] = True
-    causal = vnn.subsequent_mask(5, dtype=torch.float32)
+    causal = vnn.generate_square_subsequent_mask(5, dtype=torch.float32)
     kw = dict(tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad, tgt_is_causal=True)
     with torch.no_grad():
         before = model(src, tgt, **kw)

@@ -1,7 +1,8 @@
 """Which path runs an op: the compiled extension (torch.ops.vae_ext.*) or the
 pure-PyTorch reference (vae_ext.reference).
 
-Mode, from the environment variable VAE_EXT_BACKEND or `use_backend(...)`:
+Mode, from the environment variable VAE_EXT_BACKEND (the process default) or
+`use_backend(...)` (for the calling thread only: other threads keep theirs):
   auto       the extension when it loaded and supports the input, else the reference (default)
   extension  the extension; an input it cannot handle raises an error saying why
   reference  always the reference
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 
 import torch
@@ -36,26 +38,34 @@ def _mode_from_env() -> str:
     return mode
 
 
-_mode = _mode_from_env()
+_default_mode = _mode_from_env()  # the process default, for every thread without a use_backend block
+_local = threading.local()  # .mode: this thread's use_backend override, if any
 _warned_missing = False
 
 
 def mode() -> str:
-    """The backend mode now in force: 'auto', 'extension' or 'reference'."""
-    return _mode
+    """The backend mode now in force in the calling thread: 'auto', 'extension' or 'reference'."""
+    return getattr(_local, "mode", _default_mode)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the code in the block with backend mode `name` ('auto', 'extension' or 'reference')."""
-    global _mode
+    """Run the code in the block with backend mode `name` ('auto', 'extension' or 'reference').
+
+    The mode is per thread: a block in one thread does not change which path other
+    threads run (they keep their own block's mode, or VAE_EXT_BACKEND's default).
+    """
     if name not in MODES:
         raise ValueError(f"use_backend: name must be one of {MODES}, got {name!r}")
-    previous, _mode = _mode, name
+    had, previous = hasattr(_local, "mode"), getattr(_local, "mode", None)
+    _local.mode = name
     try:
         yield
     finally:
-        _mode = previous
+        if had:
+            _local.mode = previous
+        else:
+            del _local.mode
 
 
 def extension_loaded() -> bool:
@@ -98,10 +108,11 @@ def use_extension(op: str, supported: bool, reason: str = "") -> bool:
     `supported`: whether the extension can handle this input (device, dtype,
     options); `reason`: why not. Returns True to run the extension.
     """
-    if _mode == "reference":
+    current = mode()
+    if current == "reference":
         return False
     if _C is None:
-        if _mode == "extension":
+        if current == "extension":
             raise RuntimeError(f"vae_ext.{op}: backend 'extension' was requested but the compiled extension "
                                f"did not load ({_load_error})")
         if not torch.compiler.is_compiling():
@@ -109,7 +120,7 @@ def use_extension(op: str, supported: bool, reason: str = "") -> bool:
         return False
     if supported:
         return True
-    if _mode == "extension":
+    if current == "extension":
         raise RuntimeError(f"vae_ext.{op}: backend 'extension' was requested but the extension does not "
                            f"support this input: {reason}")
     return False

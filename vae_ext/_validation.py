@@ -20,6 +20,11 @@ def check_float(op: str, name: str, x: torch.Tensor) -> None:
 
 
 def check_same_device(op: str, tensors: dict) -> None:
+    """All tensors of `tensors` (name -> tensor or None) on one device; a value that is
+    not a tensor is a TypeError naming it (checked first: a list has no .device)."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
@@ -42,6 +47,23 @@ def check_seed(op: str, seed) -> None:
         raise TypeError(f"{op}: seed must be an int or None, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"{op}: seed must fit in 64 bits, got {seed}")
+
+
+def is_number(x) -> bool:
+    """An int or float (not a bool), or a symbolic one (torch.compile with dynamic=True)."""
+    return not isinstance(x, bool) and isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
+
+
+def is_concrete(x) -> bool:
+    """A plain Python number whose value can be checked now: not while torch.compile traces,
+    where a float argument may be symbolic (dynamic=True) and math.isfinite cannot take it."""
+    return isinstance(x, (int, float)) and not torch.compiler.is_compiling()
+
+
+def as_float(x) -> float:
+    """float(x), also while torch.compile traces (a symbolic float is then specialised: the op
+    schemas take a plain float, and inductor cannot pass a symbolic one to a custom op)."""
+    return float(x)
 
 
 def seed_to_int64(seed: int) -> int:

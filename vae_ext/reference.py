@@ -138,7 +138,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             visible = visible & attn_mask
-        else:
+        else:  # -inf hides the key as False does (so a NaN score there does not leak)
+            visible = visible & (attn_mask != float("-inf"))
             scores = scores + attn_mask.to(scores.dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -178,7 +179,7 @@ def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
 def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
               likelihood: str = "bernoulli", beta: float = 1.0, reduction: str = "mean",
               prior_mu: torch.Tensor | None = None, prior_logvar: torch.Tensor | None = None,
-              free_bits: float = 0.0, ignore_index: int = -100, obs_logvar=None) -> ELBO:
+              free_bits: float = 0.0, ignore_index: int = -100, obs_logvar=None, recon_probs: bool = False) -> ELBO:
     """Negative ELBO = reconstruction NLL + beta * KL, per sample (dim 0 is the batch).
 
     See vae_ext.elbo_loss for the full contract, free bits included.
@@ -186,7 +187,9 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     import torch.nn.functional as F
 
     batch = recon.shape[0]
-    if likelihood == "bernoulli":
+    if likelihood == "bernoulli" and recon_probs:  # recon are probabilities
+        nll = F.binary_cross_entropy(recon, target, reduction="none")
+    elif likelihood == "bernoulli":
         nll = F.binary_cross_entropy_with_logits(recon, target, reduction="none")
     elif likelihood == "gaussian":
         if obs_logvar is None:

@@ -288,14 +288,24 @@ inline T exp_sub_sum(T* x, int64_t n, T sub) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
 
-// x[j] = exp(x[j] - sub), no sum.
+// x[j] = exp(x[j] - sub), no sum; exactly 0 where x[j] = -inf (a hidden pair) even when
+// sub is NaN (the lse of a row that saw a NaN score): NaN flows along visible pairs only.
+template <typename T>
+inline Vec<T> exp_sub_hidden0(const Vec<T>& x, const Vec<T>& vs, const Vec<T>& vninf) {
+  return Vec<T>::blendv(vexp(x - vs), Vec<T>(T(0)), x == vninf);
+}
+
 template <typename T>
 inline void exp_sub(T* x, int64_t n, T sub) {
+  if (sub != sub) {  // a NaN row: NaN at every visible pair (the fast vector exp need not keep a NaN)
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] == neg_inf<T>() ? T(0) : std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vs(sub), vninf(neg_inf<T>());
   int64_t j = 0;
-  for (; j + L <= n; j += L) vexp(Vec<T>::loadu(x + j) - vs).store(x + j);
-  if (j < n) vexp(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j) - vs).store(x + j, n - j);
+  for (; j + L <= n; j += L) exp_sub_hidden0(Vec<T>::loadu(x + j), vs, vninf).store(x + j);
+  if (j < n) exp_sub_hidden0(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, vninf).store(x + j, n - j);
 }
 
 template <typename T>
@@ -406,9 +416,9 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       if (p.mask_kind == MaskKind::kAdditive) {
         const float* m = static_cast<const float*>(p.mask) + off;
         if (cs == 1) {
-          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j]);
+          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j]));
         } else {
-          for (int64_t j = 0; j < nk; ++j) srow[j] += static_cast<T>(m[j * cs]);
+          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j * cs]));
         }
       } else {
         const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
@@ -431,6 +441,76 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       for (int64_t j = first_hidden; j < nk; ++j) srow[j] = ninf;
     }
   }
+}
+
+// Whether some (query, key) pair of a tile may be hidden by a mask (a probability that is
+// 0 by the mask, not by the scores): any tile of a causal or masked problem, a tile with
+// some padding. (Conservative for causal: only the NaN check of gemm_tile depends on it.)
+inline bool tile_hides_pairs(const Problem& pr, uint8_t pad) {
+  return pad == kSomePadding || pr.p.mask_kind != MaskKind::kNone || pr.p.is_causal;
+}
+
+// Whether a (n x d, row stride ld) block holds a NaN. One vector add per element: the
+// sum of finite values is finite unless it overflows, so only a non-finite sum (NaN, or
+// an inf or an overflow) is followed by the exact scan.
+template <typename T>
+bool any_nan_rows(const T* x, int64_t ld, int64_t n, int64_t d) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc(T(0));
+  T total = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = x + r * ld;
+    int64_t j = 0;
+    for (; j + L <= d; j += L) acc = acc + Vec<T>::loadu(row + j);
+    for (; j < d; ++j) total += row[j];
+  }
+  alignas(64) T lanes[L];
+  acc.store(lanes);
+  for (int64_t l = 0; l < L; ++l) total += lanes[l];
+  if (total - total == T(0)) return false;  // finite
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < d; ++j) {
+      if (x[r * ld + j] != x[r * ld + j]) return true;
+    }
+  }
+  return false;
+}
+
+// C (m x n, row stride ldc) += alpha op(A) B over the nonzero entries of A only: the
+// product of a tile with hidden pairs (A = P or dS, exactly 0 there) when B holds a NaN,
+// so that 0 · NaN does not carry the NaN of a hidden key (or query, or gradient row)
+// into the rows that do not see it. op(A) = A (m x k, row stride lda) or Aᵀ (A: k x m).
+template <typename T>
+void gemm_skip_zero(bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                    int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    T* out = c + r * ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const T w = trans_a ? a[p * lda + r] : a[r * lda + p];
+      if (w == T(0)) continue;
+      const Vec<T> vw(alpha * w);
+      at::vec::map2<T>([vw](Vec<T> o, Vec<T> x) { return at::vec::fmadd(vw, x, o); }, out, out, b + p * ldb, n);
+    }
+  }
+}
+
+// The product C += alpha op(A) B of a tile: gemm, or gemm_skip_zero when skip_zero (the
+// tile hides pairs and B holds a NaN).
+template <typename T>
+void gemm_or_skip(bool skip_zero, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
+  if (skip_zero) {
+    gemm_skip_zero(trans_a, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+  } else {
+    gemm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(1), c, ldc, pack);
+  }
+}
+
+// ... with the NaN check of B done here, only where the tile hides pairs.
+template <typename T>
+void gemm_tile(bool hides_pairs, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
+  gemm_or_skip(hides_pairs && any_nan_rows(b, ldb, k, n), trans_a, m, n, k, alpha, a, lda, b, ldb, c, ldc, pack);
 }
 
 // z (mq x nk, row stride ldz) = 1 / (1 - p) where the dropout stream keeps the
@@ -510,8 +590,6 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const int64_t hk = h / pr.G;
   const int64_t end = pr.key_end(b, q0, mq);
   const bool with_out = out != nullptr;
-  ws.rows.assign(static_cast<size_t>(mq), SoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)});
-  if (with_out) ws.acc.assign(static_cast<size_t>(mq * D), acc_t(0));
   ws.s.resize(static_cast<size_t>(pr.bq * bk));
   if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(pr.bq * bk));
   if (!std::is_same_v<scalar_t, acc_t>) {
@@ -527,6 +605,12 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
 
+  // careful: the P V products of tiles with hidden pairs skip the zero weights where V holds
+  // a NaN (gemm_tile). Only a sweep whose output holds a NaN is redone carefully, so the
+  // usual sweep pays no NaN check per tile.
+  auto sweep = [&](bool careful) {
+  ws.rows.assign(static_cast<size_t>(mq), SoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)});
+  if (with_out) ws.acc.assign(static_cast<size_t>(mq * D), acc_t(0));
   for (int64_t kt = 0; kt * bk < end; ++kt) {
     const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
     if (pad == kAllPadding) continue;
@@ -559,8 +643,14 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
                        k0 * p.v_row_stride;
     int64_t ldv = 0;
     const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
-    gemm<acc_t>(false, false, mq, D, nk, acc_t(1), s, bk, vptr, ldv, acc_t(1), ws.acc.data(), D, ws.pack);
+    // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
+    gemm_tile<acc_t>(careful && tile_hides_pairs(pr, pad), false, mq, D, nk, acc_t(1), s, bk, vptr, ldv,
+                     ws.acc.data(), D, ws.pack);
   }
+  };
+  sweep(false);
+  const bool hides_any = p.key_padding != nullptr || p.mask_kind != MaskKind::kNone || p.is_causal;
+  if (with_out && hides_any && any_nan_rows(ws.acc.data(), D, mq, D)) sweep(true);
 
   for (int64_t r = 0; r < mq; ++r) {
     const SoftmaxRow<acc_t>& st = ws.rows[r];
@@ -601,6 +691,7 @@ void forward_impl(const AttentionParams& p) {
 template <typename acc_t>
 struct BwdWorkspace {
   std::vector<acc_t> q, k, v, dout, s, dp, z, dk, dv, pack;
+  std::vector<int8_t> nan_q, nan_dout;  // per (query head of the group, query tile): -1 unknown, 0, 1
 };
 
 template <typename scalar_t>
@@ -692,6 +783,8 @@ void backward_impl(const AttentionBackwardParams& bp) {
       std::fill(dq_acc + (b * H + hk * G) * Sq * D, dq_acc + (b * H + hk * G + G) * Sq * D, acc_t(0));
     }
     ws.s.resize(static_cast<size_t>(bq * bk));
+    ws.nan_q.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));  // the flags of this task's query tiles
+    ws.nan_dout.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));
     ws.dp.resize(static_cast<size_t>(bq * bk));
     ws.dk.resize(static_cast<size_t>(bk * D));
     ws.dv.resize(static_cast<size_t>(bk * D));
@@ -729,6 +822,10 @@ void backward_impl(const AttentionBackwardParams& bp) {
       // Queries before first_query(k0) see none of these keys under the causal mask.
       const int64_t q_first = pr.first_query(k0);
       const int64_t qt_first = q_first >= Sq ? pr.n_q_tiles : q_first / bq;
+      // NaN checks of the products' B operands, only in tiles that hide pairs: K once per key
+      // tile, q and dout once per query tile of the task (cached).
+      const bool hides = tile_hides_pairs(pr, pad);
+      const bool nan_k = hides && any_nan_rows(kptr, ldk, nk, D);
 
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = hk * G + hh, bh = b * H + h;
@@ -743,6 +840,15 @@ void backward_impl(const AttentionBackwardParams& bp) {
           const acc_t* gptr = load_rows(gsrc, bp.dout_row_stride, mq, D, ws.dout.data(), ldg);
           const acc_t* lse = lse_acc + bh * Sq + q0;
           const acc_t* delta = delta_acc + bh * Sq + q0;
+          bool nan_q = false, nan_g = false;
+          if (hides) {
+            int8_t& fq = ws.nan_q[hh * pr.n_q_tiles + qt];
+            int8_t& fg = ws.nan_dout[hh * pr.n_q_tiles + qt];
+            if (fq < 0) fq = any_nan_rows(qptr, ldq, mq, D) ? 1 : 0;
+            if (fg < 0) fg = any_nan_rows(gptr, ldg, mq, D) ? 1 : 0;
+            nan_q = fq == 1;
+            nan_g = fg == 1;
+          }
 
           // P = exp(scale q kᵀ + mask - lse)
           gemm<acc_t>(false, true, mq, nk, D, scale, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
@@ -758,20 +864,24 @@ void backward_impl(const AttentionBackwardParams& bp) {
               mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
             }
             // dv += dropped Pᵀ dout
-            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), z, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), z, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           } else {
-            gemm<acc_t>(true, false, nk, D, mq, acc_t(1), s, bk, gptr, ldg, acc_t(1), ws.dv.data(), D, ws.pack);
+            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           }
-          // dS = P * (dP - delta), in place of dP
+          // dS = P * (dP - delta), in place of dP; 0 where P is 0 (softmax_grad: no NaN
+          // from a hidden key's value or a NaN row's delta through a hidden pair)
           for (int64_t r = 0; r < mq; ++r) {
-            const Vec<acc_t> vd(delta[r]);
-            at::vec::map2<acc_t>([vd](Vec<acc_t> pv, Vec<acc_t> dpv) { return pv * (dpv - vd); }, dpb + r * bk,
-                                 s + r * bk, dpb + r * bk, nk);
+            const Vec<acc_t> vd(delta[r]), zero(acc_t(0));
+            at::vec::map2<acc_t>(
+                [vd, zero](Vec<acc_t> pv, Vec<acc_t> dpv) {
+                  return Vec<acc_t>::blendv(pv * (dpv - vd), zero, pv == zero);
+                },
+                dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
-          // dk += scale dSᵀ q; dq += scale dS k
-          gemm<acc_t>(true, false, nk, D, mq, scale, dpb, bk, qptr, ldq, acc_t(1), ws.dk.data(), D, ws.pack);
-          gemm<acc_t>(false, false, mq, D, nk, scale, dpb, bk, kptr, ldk, acc_t(1), dq_acc + (bh * Sq + q0) * D, D,
-                      ws.pack);
+          // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
+          gemm_or_skip<acc_t>(nan_q, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);
+          gemm_or_skip<acc_t>(nan_k, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
+                              ws.pack);
         }
       }
       for (int64_t r = 0; r < nk; ++r) {

@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
           if (!col_ok[e & 1]) {
             s = -INFINITY;
           } else if (pairs) {
-            s += mask.pair_term(row_first + mt * 16 + g + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1));
+            s = masked_score(s, mask.pair_term(row_first + mt * 16 + g + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1)));
           }
           acc_s[mt][nt][e] = s;
         }
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const float sum = quad_sum(row_sum[mt][hf]);
-      const bool empty = !(sum > 0.f);
+      const bool empty = sum == 0.f;  // a NaN sum (a visible NaN score) gives NaN out and lse
       mul[mt][hf] = empty ? 0.f : 1.f / sum;
       const int r = warp_row0 + mt * 16 + g + hf * 8;
       if (t == 0 && r < q_rows) lse_out[r] = empty ? INFINITY : row_max[mt][hf] * kLn2 + logf(sum);
@@ -554,7 +554,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         float s = acc_s[0][nt][e] * scale_log2;
         bool vis = key_ok[e >> 1];
         if (vis && pairs) {
-          s += mask.pair_term(m0 + il, key0 + g + (e >> 1) * 8);
+          s = masked_score(s, mask.pair_term(m0 + il, key0 + g + (e >> 1) * 8));
           vis = s != -INFINITY;
         }
         acc_s[0][nt][e] = vis ? exp2_fast(s - sLseb[il]) : 0.f;
@@ -594,7 +594,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         for (int e = 0; e < 4; ++e) {
           float dpv = ds[0][nc][e];
           if (drop.enabled) dpv = bit(keep, nt * 4 + e) ? dpv * drop.inv_keep : 0.f;
-          ds[0][nc][e] = acc_s[0][nt][e] * (dpv - sDeltab[nt * 8 + 2 * t + (e & 1)]);
+          ds[0][nc][e] = softmax_grad(acc_s[0][nt][e], dpv, sDeltab[nt * 8 + 2 * t + (e & 1)]);
         }
       }
       uint32_t pc[1][kNTc / 2][4];
@@ -756,7 +756,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         float s = acc_s[0][nt][e] * scale_log2;
         bool vis = col_ok[e & 1];
         if (vis && pairs) {
-          s += mask.pair_term(row_first + g + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1));
+          s = masked_score(s, mask.pair_term(row_first + g + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1)));
           vis = s != -INFINITY;
         }
         acc_s[0][nt][e] = vis ? exp2_fast(s - lse2[e >> 1]) : 0.f;
@@ -776,7 +776,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[0][nt][e] = acc_s[0][nt][e] * (acc_dp[0][nt][e] - delta[e >> 1]);
+      for (int e = 0; e < 4; ++e) acc_dp[0][nt][e] = softmax_grad(acc_s[0][nt][e], acc_dp[0][nt][e], delta[e >> 1]);
     uint32_t pa[1][kNT / 2][4];
     pack_a<T, 1, kNT>(pa, acc_dp);
     gemm_rn<T, 1, kNT / 2, kDT, kStride>(acc_dq, pa, sKb, lane);

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
       float s2 = -INFINITY;
       if (key_vis) {
         s2 = s[r] * scale_log2;
-        if (mask.has_pair_mask()) s2 += mask.pair_term(i, j);
+        if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
       }
       const float mx = warp_max(fmaxf(row_max[r], s2));
       const float ref = mx == -INFINITY ? 0.f : mx;
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
     const int rl = warp * kRows + r;
     if (rl >= q_rows) continue;
     const float sum = warp_sum(row_sum[r]);
-    const bool empty = !(sum > 0.f);
+    const bool empty = sum == 0.f;  // a NaN sum (a visible NaN score) gives NaN out and lse
     const float inv = empty ? 0.f : 1.f / sum;
     const int64_t row = out_row0 + rl;
 #pragma unroll
@@ -211,12 +211,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
       float pr = 0.f;
       if (key_vis) {
         float s2 = s[r] * scale_log2;
-        if (mask.has_pair_mask()) s2 += mask.pair_term(i, j);
+        if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
         pr = s2 == -INFINITY ? 0.f : exp2_fast(s2 - lse2[r]);
       }
       float dpv = dp[r];
       if (drop.enabled) dpv = drop.keep(word_of(drop.block(i, j / 4), j % 4)) ? dpv * drop.inv_keep : 0.f;
-      ds_s[r * kTile + lane] = pr * (dpv - delta[r]);
+      ds_s[r * kTile + lane] = softmax_grad(pr, dpv, delta[r]);
     }
     __syncwarp();
     const int keys = min(kTile, n_end - n0);
@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Atte
         float pr = 0.f;
         if (key_vis[r]) {
           float s2 = s[r] * scale_log2;
-          if (mask.has_pair_mask()) s2 += mask.pair_term(i, j);
+          if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
           pr = s2 == -INFINITY ? 0.f : exp2_fast(s2 - sLse[lane]);
         }
         float pd = pr, dpv = dp[r];
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Atte
           dpv = keep ? dpv * drop.inv_keep : 0.f;
         }
         p_s[r * kTile + lane] = pd;
-        ds_s[r * kTile + lane] = pr * (dpv - sDelta[lane]);
+        ds_s[r * kTile + lane] = softmax_grad(pr, dpv, sDelta[lane]);
       }
       __syncwarp();
       const int queries = min(kTile, p.q_len - m0);

@@ -30,6 +30,17 @@ VAE_HD uint64_t attention_dropout_group(int64_t row, int64_t kv_len, int64_t col
 // Whether the Philox word of an element keeps it.
 VAE_HD bool attention_dropout_keep(uint32_t word, uint32_t threshold) { return (word >> 8) >= threshold; }
 
+// ---------------------------------------------------------------- masks
+
+// A score with a mask term added (0 or an additive mask value; -inf where the pair
+// is hidden: causal, a False of a bool mask, -inf in an additive mask). A hidden
+// pair's score is -inf itself, not score + (-inf): a NaN score (NaN in q or in a
+// hidden key) stays out of a row that cannot see that key.
+template <typename T>
+VAE_HD T masked_score(T score, T term) {
+  return term == -std::numeric_limits<T>::infinity() ? term : score + term;
+}
+
 // ---------------------------------------------------------------- online softmax
 
 // Running state of one query row: the largest score seen so far (-inf before
@@ -45,9 +56,14 @@ struct SoftmaxRow {
 // be multiplied; state.max becomes the new reference for exp(score - max). A row
 // that has still seen no key keeps max = -inf and gets the factor 1 (nothing to
 // rescale): callers must then treat every probability of the tile as 0.
+// NaN: a NaN tile_max (a visible score is NaN; the tile max must propagate NaN)
+// becomes the row's max, so the factor, the sum and every exp(score - max) are
+// NaN: the row's output and lse are NaN, as softmax gives. (`tile_max > max`
+// would be false for NaN and take the tile for "nothing visible".) Once the sum
+// is NaN it stays NaN whatever later tiles hold.
 template <typename acc_t>
 VAE_HD acc_t online_softmax_rescale(SoftmaxRow<acc_t>& state, acc_t tile_max) {
-  const acc_t new_max = tile_max > state.max ? tile_max : state.max;
+  const acc_t new_max = !(tile_max <= state.max) ? tile_max : state.max;  // = max(), NaN tile_max wins
   if (new_max == -std::numeric_limits<acc_t>::infinity()) return acc_t(1);
   const acc_t factor = exp_(state.max - new_max);  // exp(-inf) = 0 for the first visible tile
   state.max = new_max;
@@ -56,17 +72,19 @@ VAE_HD acc_t online_softmax_rescale(SoftmaxRow<acc_t>& state, acc_t tile_max) {
 }
 
 // After the last tile: the factor that turns the output accumulator into the
-// output (1 / sum, or 0 for a row that saw no key) ...
+// output (1 / sum, or 0 for a row that saw no key; NaN for a NaN sum) ...
+// (A row that saw a key has sum >= 1: its largest score contributes exp(0).)
 template <typename acc_t>
 VAE_HD acc_t softmax_out_scale(const SoftmaxRow<acc_t>& state) {
-  return state.sum > acc_t(0) ? acc_t(1) / state.sum : acc_t(0);
+  return state.sum == acc_t(0) ? acc_t(0) : acc_t(1) / state.sum;
 }
 
 // ... and the row's natural log-sum-exp, +inf for a row that saw no key, so that
-// exp(score - lse) is 0 for every key of such a row in the backward.
+// exp(score - lse) is 0 for every key of such a row in the backward; NaN for a
+// row whose sum is NaN, so that its backward is NaN too.
 template <typename acc_t>
 VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
-  return state.sum > acc_t(0) ? state.max + log_(state.sum) : std::numeric_limits<acc_t>::infinity();
+  return state.sum == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : state.max + log_(state.sum);
 }
 
 // The backward's probability of a (scaled, masked) score: exp(score - lse), 0 for a
@@ -77,10 +95,12 @@ VAE_HD acc_t softmax_prob_from_lse(acc_t score, acc_t lse) {
   return exp_(score - lse);
 }
 
-// dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element.
+// dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element;
+// exactly 0 where P is 0 (a hidden pair) even when dP or delta is NaN (a NaN value of a
+// hidden key, the delta of a NaN row): NaN flows along visible pairs only.
 template <typename acc_t>
 VAE_HD acc_t softmax_grad(acc_t prob, acc_t dprob, acc_t delta) {
-  return prob * (dprob - delta);
+  return prob == acc_t(0) ? acc_t(0) : prob * (dprob - delta);
 }
 
 }  // namespace vae_ext

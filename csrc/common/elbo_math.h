@@ -20,7 +20,7 @@ namespace vae_ext {
 
 template <typename V>
 struct ElboMath;  // scalar type; primitives exp, expm1, log, log1p, log1p_unit (argument in [0, 1]), abs,
-                 // relu, select_nonneg
+                 // relu, select_nonneg, max_nan (max(a, b) that keeps a NaN a)
 
 template <>
 struct ElboMath<float> {
@@ -38,6 +38,7 @@ struct ElboMath<float> {
   static VAE_HD float relu(float x) { return x > 0.0f ? x : 0.0f; }
   // c >= 0 ? a : b (NaN c gives b)
   static VAE_HD float select_nonneg(float c, float a, float b) { return c >= 0.0f ? a : b; }
+  static VAE_HD float max_nan(float a, float b) { return a < b ? b : a; }  // std::max: NaN a stays
 };
 
 template <>
@@ -55,6 +56,7 @@ struct ElboMath<double> {
   static VAE_HD double abs(double x) { return x < 0.0 ? -x : x; }
   static VAE_HD double relu(double x) { return x > 0.0 ? x : 0.0; }
   static VAE_HD double select_nonneg(double c, double a, double b) { return c >= 0.0 ? a : b; }
+  static VAE_HD double max_nan(double a, double b) { return a < b ? b : a; }
 };
 
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;  // log(2 pi)
@@ -80,6 +82,24 @@ VAE_HD V bce_grad(V x, V t, V e) {
   using M = ElboMath<V>;
   const V r = V(1.0f) / (V(1.0f) + e);
   return M::select_nonneg(x, r, e * r) - t;
+}
+
+// ---------------------------------------------------------------- Bernoulli on probabilities
+// x is a probability (a decoder ending in a sigmoid), as F.binary_cross_entropy, whose
+// clamps these are (the logs at -100, the gradient's denominator at 1e-12):
+//   loss = (t - 1) max(log1p(-x), -100) - t max(log x, -100)
+//   d/dx = (x - t) / max((1 - x) x, 1e-12)
+template <typename V>
+VAE_HD V bce_prob_loss(V x, V t) {
+  using M = ElboMath<V>;
+  const V floor(-100.0f);
+  return (t - V(1.0f)) * M::max_nan(M::log1p(V(0.0f) - x), floor) - t * M::max_nan(M::log(x), floor);
+}
+
+template <typename V>
+VAE_HD V bce_prob_grad(V x, V t) {
+  using M = ElboMath<V>;
+  return (x - t) / M::max_nan((V(1.0f) - x) * x, V(static_cast<typename M::scalar>(1e-12f)));  // torch: float 1e-12
 }
 
 // ---------------------------------------------------------------- Gaussian

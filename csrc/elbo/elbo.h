@@ -14,7 +14,8 @@
 // group), i.e. the per-element derivatives times grad_factor (1/B for 'mean').
 // The backward multiplies each row by its upstream scale (elbo_scale_grad); on
 // the CPU it returns the buffer as it is when every scale is exactly 1
-// (loss.backward() of a 'mean' or 'sum' loss). See elbo_autograd.cpp.
+// (loss.backward() of a 'mean' or 'sum' loss) and the graph is freed after that
+// backward (on a retained graph, a copy). See elbo_autograd.cpp.
 //
 // Determinism: every partial sum covers a fixed range of elements (independent
 // of the thread or block count) and partials are combined in a fixed order, so
@@ -30,7 +31,9 @@ struct CUstream_st;  // cudaStream_t without the CUDA headers
 
 namespace vae_ext {
 
-enum class Likelihood : int { kBernoulli = 0, kGaussian = 1, kCategorical = 2 };
+// kBernoulli: recon are logits (BCE with logits); kBernoulliProbs: recon are
+// probabilities (F.binary_cross_entropy, logs clamped at -100).
+enum class Likelihood : int { kBernoulli = 0, kGaussian = 1, kCategorical = 2, kBernoulliProbs = 3 };
 enum class Reduction : int { kMean = 0, kSum = 1, kNone = 2 };
 // Observation log-variance of the Gaussian likelihood: none (sum of squared
 // errors), one value per sample (obs[b * obs_row_stride], stride 0 or 1), or

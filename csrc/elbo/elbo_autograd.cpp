@@ -8,10 +8,14 @@
 // the CPU, where reading that gradient costs nothing, a buffer is returned as it
 // is when the gradient is exactly 1 (loss.backward() of a 'mean' or 'sum' loss).
 // On CUDA the scale always runs: one pass over the buffer, asynchronous, where
-// the check would stall the stream with a host sync every step.
+// the check would stall the stream with a host sync every step. A returned
+// gradient never aliases saved state that a later backward reads: the buffer is
+// handed out as it is only when the graph is freed after this backward (else a
+// copy, or the scaled new tensor).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <array>
@@ -130,7 +134,10 @@ class ElboForward : public torch::autograd::Function<ElboForward> {
       if (!scales[group].defined()) {
         grad = at::zeros_like(buf);
       } else if (is_one[group]) {
-        grad = buf;
+        // The buffer itself, but only when this graph is freed after this backward: on a
+        // retained graph (retain_graph / create_graph) a later backward would hand out the
+        // same storage again, so the caller's gradient must be a copy of the saved state.
+        grad = torch::autograd::get_current_graph_task_keep_graph() ? buf.clone() : buf;
       } else {
         grad = call_scale_grad(buf, scales[group]);
       }

@@ -36,6 +36,7 @@ struct ElboMathVec {
   static V abs(const V& x) { return x.abs(); }
   static V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }  // NaN-propagating
   static V select_nonneg(const V& c, const V& a, const V& b) { return V::blendv(b, a, c >= V(T(0))); }
+  static V max_nan(const V& a, const V& b) { return at::vec::maximum(a, b); }  // NaN-propagating
 };
 template <>
 struct ElboMath<at::vec::Vectorized<float>> : ElboMathVec<float> {
@@ -89,7 +90,7 @@ at::vec::Vectorized<acc_t> head(const at::vec::Vectorized<acc_t>& v, int count) 
 
 // ---------------------------------------------------------------- Bernoulli / Gaussian
 
-enum class Term { kBce, kSse, kNll };
+enum class Term { kBce, kBceProb, kSse, kNll };
 
 // Pointers of one run of `n` consecutive elements, widened to acc_t.
 template <typename acc_t>
@@ -119,6 +120,9 @@ void recon_run(const Run<acc_t>& r, int n, acc_t factor, at::vec::Vectorized<acc
       const Vec e = bce_exp_neg_abs(x);
       loss = bce_loss(x, t, e);
       if (r.gx != nullptr) gx = bce_grad(x, t, e);
+    } else if constexpr (term == Term::kBceProb) {
+      loss = bce_prob_loss(x, t);
+      if (r.gx != nullptr) gx = bce_prob_grad(x, t);
     } else if constexpr (term == Term::kSse) {
       loss = sse_loss(x, t);
       if (r.gx != nullptr) gx = sse_grad(x, t);
@@ -504,6 +508,8 @@ void elbo_forward_cpu(const ElboParams& p) {
         categorical_pass<scalar_t>(p, recon_b);
       } else if (p.likelihood == Likelihood::kBernoulli) {
         recon_pass<scalar_t, Term::kBce>(p, recon_b, gs_b);
+      } else if (p.likelihood == Likelihood::kBernoulliProbs) {
+        recon_pass<scalar_t, Term::kBceProb>(p, recon_b, gs_b);
       } else if (p.obs_kind == ObsKind::kNone) {
         recon_pass<scalar_t, Term::kSse>(p, recon_b, gs_b);
       } else {

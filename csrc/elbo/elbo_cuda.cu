@@ -32,7 +32,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTile = 4096;  // elements per partial sum (multiple of kThreads * 16 bytes / 4 bytes)
 constexpr size_t kSmemBytes = 2 * kWarps * sizeof(double);
 
-enum class Term { kBce, kSse, kNll };
+enum class Term { kBce, kBceProb, kSse, kNll };
 
 // VEC elements in 16 bytes.
 template <typename T>
@@ -110,6 +110,9 @@ __device__ __forceinline__ void recon_element(acc_t x, acc_t t, acc_t s, bool wa
     const acc_t e = bce_exp_neg_abs(x);
     loss = bce_loss(x, t, e);
     if (want_grad) gx = bce_grad(x, t, e);
+  } else if constexpr (term == Term::kBceProb) {
+    loss = bce_prob_loss(x, t);
+    if (want_grad) gx = bce_prob_grad(x, t);
   } else if constexpr (term == Term::kSse) {
     loss = sse_loss(x, t);
     if (want_grad) gx = sse_grad(x, t);
@@ -555,6 +558,8 @@ void elbo_forward_cuda(const ElboParams& p, CUstream_st* stream) {
         const int blocks = grid_size(p.batch * w.recon_slots_per_row * kThreads, kThreads);
         if (p.likelihood == Likelihood::kBernoulli) {
           launch(recon_kernel<T, Term::kBce>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
+        } else if (p.likelihood == Likelihood::kBernoulliProbs) {
+          launch(recon_kernel<T, Term::kBceProb>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
         } else if (p.obs_kind == ObsKind::kNone) {
           launch(recon_kernel<T, Term::kSse>, blocks, kThreads, kSmemBytes, stream, p, w, vectorized);
         } else {

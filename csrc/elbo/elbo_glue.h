@@ -49,6 +49,7 @@ struct ForwardCall {
 
 inline Likelihood parse_likelihood(std::string_view s) {
   if (s == "bernoulli") return Likelihood::kBernoulli;
+  if (s == "bernoulli_probs") return Likelihood::kBernoulliProbs;  // recon are probabilities
   if (s == "gaussian") return Likelihood::kGaussian;
   if (s == "categorical") return Likelihood::kCategorical;
   TORCH_CHECK(false, "elbo_forward: unknown likelihood '", s, "'");

@@ -4,7 +4,9 @@
     replace_attention(model)    swap every torch.nn.MultiheadAttention (and torch's Transformer layers) in a model
     TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder, TransformerDecoder
                                 torch-compatible Transformer layers and stacks on the fused attention
-    subsequent_mask, PositionalEncoding, LearnedPositionalEncoding, sinusoidal_table
+    subsequent_mask             the Annotated Transformer's causal mask: (1, n, n) bool, True = may attend
+    generate_square_subsequent_mask   torch's: (n, n), True (or -inf) = not allowed, what these modules take
+    PositionalEncoding, LearnedPositionalEncoding, sinusoidal_table
     DiagonalGaussian            the VAE posterior (diffusers' DiagonalGaussianDistribution API, any rank)
     ELBOLoss, Reparameterize    module forms of vae_ext.elbo_loss and vae_ext.reparameterize
 """
@@ -14,8 +16,9 @@ from vae_ext.nn.distributions import DiagonalGaussian
 from vae_ext.nn.losses import ELBOLoss, Reparameterize
 from vae_ext.nn.transformer import (LearnedPositionalEncoding, PositionalEncoding, TransformerDecoder,
                                     TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
-                                    sinusoidal_table, subsequent_mask)
+                                    generate_square_subsequent_mask, sinusoidal_table, subsequent_mask)
 
 __all__ = ["DiagonalGaussian", "ELBOLoss", "LearnedPositionalEncoding", "MultiheadAttention", "PositionalEncoding",
            "Reparameterize", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
-           "TransformerEncoderLayer", "replace_attention", "sinusoidal_table", "subsequent_mask"]
+           "TransformerEncoderLayer", "generate_square_subsequent_mask", "replace_attention", "sinusoidal_table",
+           "subsequent_mask"]

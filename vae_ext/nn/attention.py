@@ -38,7 +38,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     Masks follow ``torch.nn.MultiheadAttention`` (not SDPA):
 
     - ``attn_mask``: (L, S) or (N·num_heads, L, S) ((num_heads, L, S) unbatched); bool
-      **True = not allowed to attend**, or an additive float mask.
+      **True = not allowed to attend** (``vae_ext.nn.generate_square_subsequent_mask``; the
+      Annotated Transformer's ``vae_ext.nn.subsequent_mask`` is True = may attend), or an
+      additive float mask.
     - ``key_padding_mask``: (N, S) ((S,) unbatched); bool True = ignore that key, or additive float.
     - ``is_causal=True``: query i sees keys j <= i. As in torch, it is a hint that ``attn_mask``
       is the causal mask; the fused path applies the causal pattern itself (skipping the

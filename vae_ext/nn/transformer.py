@@ -1,5 +1,6 @@
 """Transformer encoder/decoder layers of "Attention Is All You Need" on the fused attention,
-signature- and state_dict-compatible with torch.nn's, plus subsequent_mask and positional encodings."""
+signature- and state_dict-compatible with torch.nn's, plus the causal masks (subsequent_mask,
+generate_square_subsequent_mask) and positional encodings."""
 
 from __future__ import annotations
 
@@ -34,24 +35,39 @@ def _relu_or_gelu(activation) -> int:
     return 0
 
 
-def subsequent_mask(size: int, device=None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """The causal ("subsequent") mask of a decoder: (size, size), position i may not see j > i.
+def generate_square_subsequent_mask(size: int, device=None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """The causal mask of a decoder in **torch's convention**: (size, size), position i may not see j > i.
 
-    In the convention of these modules and of ``torch.nn.MultiheadAttention``: bool with
-    **True = not allowed** (the strict upper triangle), or, for a floating ``dtype``, an
-    additive mask with -inf above the diagonal and 0 elsewhere (as
-    ``torch.nn.Transformer.generate_square_subsequent_mask``). Pass it as ``attn_mask`` /
-    ``tgt_mask``; for ``vae_ext.masked_attention`` (True = attend) use ``~subsequent_mask(n)``,
-    or simply ``is_causal=True``.
+    The convention of these modules and of ``torch.nn.MultiheadAttention`` /
+    ``torch.nn.Transformer``: bool with **True = not allowed** (the strict upper triangle),
+    or, for a floating ``dtype``, an additive mask with -inf above the diagonal and 0
+    elsewhere (exactly ``torch.nn.Transformer.generate_square_subsequent_mask``). Pass it as
+    ``attn_mask`` / ``tgt_mask`` of these modules; for ``vae_ext.masked_attention`` (True =
+    attend) use ``subsequent_mask(n)[0]``, or simply ``is_causal=True``.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"subsequent_mask: size must be an int >= 0, got {size!r}")
+        raise ValueError(f"generate_square_subsequent_mask: size must be an int >= 0, got {size!r}")
     hidden = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
     if dtype == torch.bool:
         return hidden
     if not dtype.is_floating_point:
-        raise TypeError(f"subsequent_mask: dtype must be torch.bool or floating, got {dtype}")
+        raise TypeError(f"generate_square_subsequent_mask: dtype must be torch.bool or floating, got {dtype}")
     return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(hidden, -math.inf)
+
+
+def subsequent_mask(size: int, device=None) -> torch.Tensor:
+    """The causal mask of The Annotated Transformer's ``subsequent_mask``: bool (1, size, size),
+    **True = may attend** (position i sees j <= i: the lower triangle with the diagonal).
+
+    That is the convention of ``vae_ext.masked_attention`` / SDPA (``attn_mask`` True =
+    attend; the leading 1 broadcasts over the batch). The modules of ``vae_ext.nn``
+    (``MultiheadAttention``, the Transformer layers) take torch's opposite convention
+    (True = not allowed): give them ``generate_square_subsequent_mask(size)``, or
+    ``~subsequent_mask(size)[0]``.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"subsequent_mask: size must be an int >= 0, got {size!r}")
+    return torch.ones(1, size, size, dtype=torch.bool, device=device).tril()
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -67,8 +83,10 @@ class TransformerEncoderLayer(nn.Module):
 
     ``norm_first=False`` is post-norm, x = norm(x + sublayer(x)); ``True`` is pre-norm,
     x = x + sublayer(norm(x)). ``activation`` is 'relu', 'gelu' or any callable. Masks follow
-    torch's conventions (see ``vae_ext.nn.MultiheadAttention``); ``is_causal=True`` needs no
-    ``src_mask``. The attention never materialises the weights.
+    torch's conventions (see ``vae_ext.nn.MultiheadAttention``): ``src_mask`` bool **True = not
+    allowed** (``generate_square_subsequent_mask``, not ``subsequent_mask``) or additive float;
+    ``src_key_padding_mask`` True = padding. ``is_causal=True`` needs no ``src_mask``. The
+    attention never materialises the weights.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
@@ -131,8 +149,12 @@ class TransformerDecoderLayer(nn.Module):
         layer = vae_ext.nn.TransformerDecoderLayer(d_model=64, nhead=4, batch_first=True)
         y = layer(tgt, memory, tgt_is_causal=True, memory_key_padding_mask=src_pad)
 
+    Masks: torch's convention: a bool mask is **True = not allowed** (``generate_square_subsequent_mask``,
+    not the Annotated Transformer's ``subsequent_mask``, which is True = may attend), a float
+    mask is added to the scores; key padding masks are True = padding.
     ``tgt_is_causal=True`` applies the causal mask without a ``tgt_mask`` (torch needs one);
-    ``subsequent_mask(T)`` builds it explicitly.
+    ``generate_square_subsequent_mask(T)`` builds it explicitly (torch's convention, True =
+    not allowed; ``subsequent_mask`` is the Annotated Transformer's opposite one).
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
@@ -214,6 +236,10 @@ class TransformerEncoder(nn.Module):
     ``enable_nested_tensor`` and ``mask_check`` are accepted for compatibility and ignored
     (no nested-tensor path). ``is_causal=None`` uses ``mask`` as given (no data-dependent
     check whether it is causal, so the stack compiles without graph breaks).
+
+    Masks: torch's convention: a bool mask is **True = not allowed** (``generate_square_subsequent_mask``,
+    not the Annotated Transformer's ``subsequent_mask``, which is True = may attend), a float
+    mask is added to the scores; key padding masks are True = padding.
     """
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
@@ -233,7 +259,12 @@ class TransformerEncoder(nn.Module):
 
 class TransformerDecoder(nn.Module):
     """A stack of ``num_layers`` copies of ``decoder_layer`` and an optional final norm, as
-    ``torch.nn.TransformerDecoder`` (same state_dict keys)."""
+    ``torch.nn.TransformerDecoder`` (same state_dict keys).
+
+    Masks (``tgt_mask``, ``memory_mask``, the key padding masks): torch's convention: a bool mask is **True = not allowed** (``generate_square_subsequent_mask``,
+    not the Annotated Transformer's ``subsequent_mask``, which is True = may attend), a float
+    mask is added to the scores; key padding masks are True = padding.
+    """
 
     def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None) -> None:
         super().__init__()

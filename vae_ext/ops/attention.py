@@ -7,8 +7,8 @@ import math
 import torch
 
 from vae_ext import _backend, reference
-from vae_ext._validation import (FLOAT_DTYPES, broadcast_shape, check_float, check_generator, check_same_device,
-                                 check_seed, check_tensor, seed_to_int64)
+from vae_ext._validation import (FLOAT_DTYPES, as_float, broadcast_shape, check_float, check_generator,
+                                 check_same_device, check_seed, check_tensor, is_concrete, is_number, seed_to_int64)
 
 OP = "masked_attention"
 # Where the causal mask's diagonal starts: query i sees keys j <= i ("upper_left", SDPA's
@@ -22,18 +22,32 @@ def _has_kernel() -> bool:
 
 _CUDA_TC_MAX_HEAD_DIM = 128
 _CUDA_MAX_HEAD_DIM = 256
+_INT32_MAX = 2**31 - 1  # the kernels' params hold B, H, Hkv, Sq, Sk, D as int32
+
+
+def _size_over_int32(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these sizes (a dim past int32, naming the argument), or None."""
+    for name, t, dims in (("q", q, ("B", "H", "Sq", "D")), ("k", k, ("B", "Hkv", "Sk", "D"))):
+        for dim, size in zip(dims, t.shape):
+            if is_concrete(size) and size > _INT32_MAX:
+                return (f"{name} has {dim} = {size}, past the kernels' int32 limit of {_INT32_MAX} "
+                        f"(the reference handles it)")
+    return None
 
 
 def _cuda_padded_head_dim(d: int) -> int:
     return next(c for c in (32, 64, 96, 128) if d <= c)
 
 
-def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False
-             ) -> tuple[bool, str]:
-    """Whether the compiled kernels handle this input, and why not."""
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False,
+             size_limit: str | None = None) -> tuple[bool, str]:
+    """Whether the compiled kernels handle this input, and why not (size_limit: a reason
+    from _size_over_int32)."""
     ok, reason = _backend.device_supported(device)
     if not ok:
         return ok, reason
+    if size_limit is not None:
+        return False, size_limit
     if not _has_kernel():
         return False, "this build has no masked_attention kernels"
     if head_dim < 1:
@@ -87,9 +101,20 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
             1 / (1 - dropout_p)); randomness as in vae_ext.reparameterize (generator / default
             generator, or an explicit stateless `seed`).
 
-    Masks combine by intersection. A query row that sees no key returns zeros and gets zero
-    gradients. Returns (B, H, Sq, D) in q's dtype. Gradients flow to q, k, v; an attn_mask
-    that requires grad is handled by the reference path.
+    Masks combine by intersection; -inf in a float attn_mask hides the key as False does. A
+    query row that sees no key returns zeros and gets zero gradients. Returns (B, H, Sq, D) in
+    q's dtype. Gradients flow to q, k, v; an attn_mask that requires grad is handled by the
+    reference path.
+
+    NaN: a NaN in a visible input propagates to the outputs (and gradients) it touches, as
+    the math of softmax does: a NaN query gives a NaN output row, a NaN in a visible key or
+    value gives NaN rows for every query that sees it. A NaN score of a hidden key (causal,
+    padding, a False / -inf mask entry) does not leak.
+
+    Double backward (create_graph=True, e.g. a gradient penalty) is supported without
+    dropout: the backward then runs as differentiable torch ops (S×S scores in memory);
+    with dropout_p > 0 it raises. Sizes past int32 (any of B, H, S, D) run the reference
+    in 'auto' mode.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(OP, name, t)
@@ -130,9 +155,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         raise ValueError(f"{OP}: causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not is_number(scale) or (is_concrete(scale) and not math.isfinite(scale)):
         raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not is_number(dropout_p) or (is_concrete(dropout_p) and not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{OP}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if generator is not None and seed is not None:
         raise ValueError(f"{OP}: pass generator or seed, not both")
@@ -140,15 +165,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     check_seed(OP, seed)
 
     mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-    ok, reason = supports(q.device, q.dtype, d, mask_grad)
+    ok, reason = supports(q.device, q.dtype, d, mask_grad, _size_over_int32(q, k))
     if not _backend.use_extension(OP, ok, reason):
-        return reference.masked_attention(q, k, v, attn_mask, key_padding_mask, is_causal, float(scale),
-                                          float(dropout_p), generator, seed, causal_alignment)
+        return reference.masked_attention(q, k, v, attn_mask, key_padding_mask, is_causal, as_float(scale),
+                                          as_float(dropout_p), generator, seed, causal_alignment)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(torch.float32)
     seed64 = None if seed is None else seed_to_int64(seed)
     out, _lse, _rng = torch.ops.vae_ext.masked_attention_forward(
-        q, k, v, attn_mask, key_padding_mask, is_causal, float(scale), float(dropout_p), seed64, generator,
+        q, k, v, attn_mask, key_padding_mask, is_causal, as_float(scale), as_float(dropout_p), seed64, generator,
         is_causal and causal_alignment == "lower_right")
     return out
 

@@ -8,7 +8,8 @@ import torch
 
 from vae_ext import _backend, reference
 from vae_ext._types import ELBO
-from vae_ext._validation import FLOAT_DTYPES, broadcast_shape, check_float, check_same_device, check_tensor
+from vae_ext._validation import (FLOAT_DTYPES, as_float, broadcast_shape, check_float, check_same_device, check_tensor,
+                                 is_concrete, is_number)
 
 OP = "elbo_loss"
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
@@ -39,14 +40,18 @@ def _check_broadcast_to(name: str, t: torch.Tensor, shape: torch.Size, to: str) 
 def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
               likelihood: str = "bernoulli", beta: float = 1.0, reduction: str = "mean",
               prior_mu: torch.Tensor | None = None, prior_logvar: torch.Tensor | None = None,
-              free_bits: float = 0.0, ignore_index: int = -100, obs_logvar=None) -> ELBO:
+              free_bits: float = 0.0, ignore_index: int = -100, obs_logvar=None, recon_probs: bool = False) -> ELBO:
     r"""Negative evidence lower bound of a VAE, per sample b (dim 0 is the batch):
 
         loss_b = recon_b + beta * kl_b
 
     recon_b, summed over all non-batch elements:
       - ``bernoulli``: recon are logits, target in [0, 1] (soft targets allowed), same shape;
-        BCE-with-logits, max(x, 0) - x t + log(1 + exp(-|x|)).
+        BCE-with-logits, max(x, 0) - x t + log(1 + exp(-|x|)). With ``recon_probs=True``
+        recon are probabilities in [0, 1] (a decoder that ends in a sigmoid, as in
+        pytorch/examples' VAE): F.binary_cross_entropy, -(t log x + (1 - t) log(1 - x)) with
+        each log clamped at -100 and the gradient (x - t) / max(x (1 - x), 1e-12), as torch's.
+        Logits are the better input (no clamping, no lost digits near 0 and 1).
       - ``gaussian``: recon is the predicted mean; with obs_logvar=None the sum of squared
         errors (recon - target)^2; with obs_logvar (float, or tensor broadcastable to recon,
         may require grad) the exact NLL 0.5 (log 2π + obs_logvar + (target - recon)^2 e^{-obs_logvar}).
@@ -74,8 +79,10 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     kl parts; the backward multiplies them by the upstream gradients (on CUDA always, with no
     host sync; on the CPU it returns them as they are when those are exactly 1, as for
     loss.backward() of a 'mean' or 'sum' loss). Gradients are kept from forward to backward (the size of the
-    inputs that require grad). Results are bitwise reproducible run to run. Double backward
-    is not supported. Under torch.compile the class-id range check is skipped (an id out of
+    inputs that require grad); a gradient returned on a retained graph (retain_graph=True) is
+    a copy, never the saved buffer. Results are bitwise reproducible run to run. Double
+    backward (create_graph=True) raises an error (the fused backward has no derivative; the
+    reference backend, vae_ext.use_backend('reference'), supports it). Under torch.compile the class-id range check is skipped (an id out of
     range then gives a NaN loss for its sample).
     """
     if likelihood not in LIKELIHOODS:
@@ -102,10 +109,21 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     check_same_device(OP, {"recon": recon, "target": target, "mu": mu, "logvar": logvar, "prior_mu": prior_mu,
                            "prior_logvar": prior_logvar,
                            "obs_logvar": obs_logvar if isinstance(obs_logvar, torch.Tensor) else None})
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+    if not is_number(beta) or (is_concrete(beta) and not math.isfinite(beta)):
         raise ValueError(f"{OP}: beta must be a finite float, got {beta!r}")
-    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not free_bits >= 0.0:
+    if not is_number(free_bits) or (is_concrete(free_bits) and not free_bits >= 0.0):
         raise ValueError(f"{OP}: free_bits must be a float >= 0, got {free_bits!r}")
+    if not isinstance(recon_probs, bool):
+        raise TypeError(f"{OP}: recon_probs must be a bool, got {type(recon_probs).__name__}")
+    if recon_probs and likelihood != "bernoulli":
+        raise ValueError(f"{OP}: recon_probs applies to the bernoulli likelihood only")
+    if recon_probs and not torch.compiler.is_compiling() and recon.numel():
+        # As F.binary_cross_entropy (one pass over recon; skipped while torch.compile traces,
+        # where a value outside [0, 1] gives a NaN loss). NaN passes and propagates.
+        lo, hi = torch.aminmax(recon.detach())
+        if bool(lo < 0) or bool(hi > 1):
+            raise ValueError(f"{OP}: with recon_probs=True recon must hold probabilities in [0, 1], "
+                             f"got values in [{lo.item()}, {hi.item()}]")
 
     if likelihood == "categorical":
         if recon.dim() != 3:
@@ -141,10 +159,11 @@ def elbo_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
 
     ok, reason = supports(recon.device, recon.dtype)
     if not _backend.use_extension(OP, ok, reason):
-        return reference.elbo_loss(recon, target, mu, logvar, likelihood, float(beta), reduction, prior_mu,
-                                   prior_logvar, float(free_bits), ignore_index, obs_logvar)
-    return _fused(recon, target, mu, logvar, likelihood, float(beta), reduction, prior_mu, prior_logvar,
-                  float(free_bits), int(ignore_index), obs_logvar)
+        return reference.elbo_loss(recon, target, mu, logvar, likelihood, as_float(beta), reduction, prior_mu,
+                                   prior_logvar, as_float(free_bits), ignore_index, obs_logvar, recon_probs)
+    kernel_likelihood = "bernoulli_probs" if recon_probs else likelihood
+    return _fused(recon, target, mu, logvar, kernel_likelihood, as_float(beta), reduction, prior_mu, prior_logvar,
+                  as_float(free_bits), int(ignore_index), obs_logvar)
 
 
 def _needs_grad(t) -> bool:

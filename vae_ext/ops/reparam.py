@@ -45,6 +45,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | N
 
     Gradients: dz/dmu = 1 and dz/dlogvar = 0.5 * (z - mu), summed over samples; no eps
     tensor is stored. For bfloat16/float16 math runs in float32. NaN inputs propagate.
+    Double backward (create_graph=True) gives the true second-order gradients.
     """
     check_float(OP, "mu", mu)
     check_float(OP, "logvar", logvar)
