@@ -22,7 +22,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _reparam_inputs(n, dtype, seed):
+def _reparameterize_inputs(n, dtype, seed):
     g = _gen(seed)
     mu = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     logvar = (0.5 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
@@ -46,13 +46,13 @@ REPARAM_CASES = [  # (n, num_samples, misaligned view): the vectorised path, n %
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n, num_samples, misaligned", REPARAM_CASES)
 def test_reparam_forward_matches_cpu_kernel(emu, dtype, n, num_samples, misaligned):
-    mu, logvar = _reparam_inputs(n + 1, dtype, seed=n)
+    mu, logvar = _reparameterize_inputs(n + 1, dtype, seed=n)
     if misaligned:  # views one element in: the kernel takes its scalar path
         mu, logvar = mu[1:], logvar[1:]
     else:
         mu, logvar = mu[:n].clone(), logvar[:n].clone()
     seed = 1234 + n
-    z = emu.reparam_forward(mu, logvar, None, num_samples, seed)
+    z = emu.reparameterize_forward(mu, logvar, None, num_samples, seed)
     expected = _cpu_kernel(mu.contiguous(), logvar.contiguous(), num_samples, seed)
     assert z.shape == (num_samples, n) and z.dtype == dtype
     assert not torch.isnan(z).any()  # every element written
@@ -64,10 +64,10 @@ def test_reparam_forward_matches_cpu_kernel(emu, dtype, n, num_samples, misalign
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_reparam_forward_grid_stride(emu, dtype):
     # One SM: 8 blocks of 256 threads, so each thread loops over several groups.
-    mu, logvar = _reparam_inputs(30002, dtype, seed=7)
+    mu, logvar = _reparameterize_inputs(30002, dtype, seed=7)
     old = emu.set_num_sms(1)
     try:
-        z = emu.reparam_forward(mu, logvar, None, 2, 99)
+        z = emu.reparameterize_forward(mu, logvar, None, 2, 99)
     finally:
         emu.set_num_sms(old)
     assert_close(z, _cpu_kernel(mu, logvar, 2, 99), dtype, scale=2.0 if dtype == torch.float32 else 1.0)
@@ -76,13 +76,13 @@ def test_reparam_forward_grid_stride(emu, dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n, num_samples, misaligned", [(4096, 1, False), (1001, 3, False), (512, 2, True)])
 def test_reparam_forward_given_eps(emu, dtype, n, num_samples, misaligned):
-    mu, logvar = _reparam_inputs(n + 1, dtype, seed=11)
+    mu, logvar = _reparameterize_inputs(n + 1, dtype, seed=11)
     eps = torch.randn(num_samples, n + 1, generator=_gen(12), dtype=torch.float64).to(dtype)
     if misaligned:
         mu, logvar, eps = mu[1:], logvar[1:], eps[:, 1:]
     else:
         mu, logvar, eps = mu[:n], logvar[:n], eps[:, :n]
-    z = emu.reparam_forward(mu, logvar, eps, num_samples, 0)
+    z = emu.reparameterize_forward(mu, logvar, eps, num_samples, 0)
     expected = reference.reparameterize(mu.double(), logvar.double(), eps=eps.double(), num_samples=num_samples)
     assert_close(z, expected, dtype)
 
@@ -90,9 +90,9 @@ def test_reparam_forward_given_eps(emu, dtype, n, num_samples, misaligned):
 def test_reparam_forward_philox_offset_and_graph_capture_state(emu):
     # The kernel's stream at counter offset 8 (draws), read from device memory as under CUDA-graph capture.
     n, seed, offset = 999, 5, 8
-    mu, logvar = _reparam_inputs(n, torch.float64, seed=13)
-    z = emu.reparam_forward(mu, logvar, None, 1, seed, offset, False)
-    z_captured = emu.reparam_forward(mu, logvar, None, 1, seed, offset, True)
+    mu, logvar = _reparameterize_inputs(n, torch.float64, seed=13)
+    z = emu.reparameterize_forward(mu, logvar, None, 1, seed, offset, False)
+    z_captured = emu.reparameterize_forward(mu, logvar, None, 1, seed, offset, True)
     assert torch.equal(z, z_captured)
     groups = torch.arange((n + 3) // 4, dtype=torch.int64)
     x, y, zz, w = reference.philox_bits(seed, offset // 4, groups)
@@ -105,7 +105,7 @@ def test_reparam_forward_philox_offset_and_graph_capture_state(emu):
 
     eps = torch.stack([*pair(x, y), *pair(zz, w)], dim=1).flatten()[:n]
     torch.testing.assert_close(z[0], mu + eps * torch.exp(0.5 * logvar), rtol=1e-12, atol=1e-12)
-    assert not torch.equal(z, emu.reparam_forward(mu, logvar, None, 1, seed, 0, False))
+    assert not torch.equal(z, emu.reparameterize_forward(mu, logvar, None, 1, seed, 0, False))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -115,7 +115,7 @@ def test_reparam_backward_matches_cpu(emu, dtype, n, num_samples):
     mu = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     z = torch.randn(num_samples, n, generator=g, dtype=torch.float64).to(dtype)
     grad = torch.randn(num_samples, n, generator=g, dtype=torch.float64).to(dtype)
-    grad_mu, grad_logvar = emu.reparam_backward(grad, z, mu)
+    grad_mu, grad_logvar = emu.reparameterize_backward(grad, z, mu)
     exp_mu = grad.double().sum(0)
     exp_lv = 0.5 * (grad.double() * (z.double() - mu.double())).sum(0)
     assert_close(grad_mu, exp_mu, dtype)

@@ -48,12 +48,12 @@ def _cases(quick):
         cases.append(attention(torch.bfloat16, 128, False, True))
         cases.append(attention(torch.float32, 64, True, False))
 
-    def reparam(emu):
+    def reparameterize(emu):
         g = torch.Generator().manual_seed(0)
         mu, logvar = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
-        z = emu.reparam_forward(mu, logvar, None, 1, 7)
-        emu.reparam_backward(torch.randn(z.shape, generator=g), z, mu)
-    cases.append(("reparameterize f32", "256x256", reparam))
+        z = emu.reparameterize_forward(mu, logvar, None, 1, 7)
+        emu.reparameterize_backward(torch.randn(z.shape, generator=g), z, mu)
+    cases.append(("reparameterize f32", "256x256", reparameterize))
 
     def elbo(likelihood):
         def run(emu):

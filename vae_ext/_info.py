@@ -7,7 +7,7 @@ import torch
 from vae_ext import _backend
 from vae_ext.ops import attention as _attention
 from vae_ext.ops import elbo as _elbo
-from vae_ext.ops import reparam as _reparam
+from vae_ext.ops.reparameterize import supports as _reparameterize_supports
 
 
 def _devices() -> list[torch.device]:
@@ -28,7 +28,7 @@ def backend_info() -> dict:
 
     checks = {
         "masked_attention": lambda d: _attention.supports(d, torch.float32 if d.type == "cpu" else torch.bfloat16, 64),
-        "reparameterize": lambda d: _reparam.supports(d, torch.float32),
+        "reparameterize": lambda d: _reparameterize_supports(d, torch.float32),
         "elbo_loss": lambda d: _elbo.supports(d, torch.float32),
     }
     ops = {}

@@ -63,14 +63,14 @@ def _timeit(fn: Callable, device: torch.device, min_time: float, warmup: int = 2
 def _sizes(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         if quick:
-            return dict(reparam=(4096, 4096), elbo_bern=(1024, 4096, 64), elbo_cat=(32, 128, 2048),
+            return dict(reparameterize=(4096, 4096), elbo_bern=(1024, 4096, 64), elbo_cat=(32, 128, 2048),
                         attn=(4, 8, 1024, 64), attn_dtype=torch.bfloat16)
-        return dict(reparam=(8192, 8192), elbo_bern=(4096, 16384, 128), elbo_cat=(64, 256, 8192),
+        return dict(reparameterize=(8192, 8192), elbo_bern=(4096, 16384, 128), elbo_cat=(64, 256, 8192),
                     attn=(8, 16, 2048, 64), attn_dtype=torch.bfloat16)
     if quick:
-        return dict(reparam=(512, 512), elbo_bern=(256, 784, 32), elbo_cat=(16, 64, 256),
+        return dict(reparameterize=(512, 512), elbo_bern=(256, 784, 32), elbo_cat=(16, 64, 256),
                     attn=(2, 4, 128, 32), attn_dtype=torch.float32)
-    return dict(reparam=(2048, 2048), elbo_bern=(1024, 4096, 64), elbo_cat=(32, 128, 1024),
+    return dict(reparameterize=(2048, 2048), elbo_bern=(1024, 4096, 64), elbo_cat=(32, 128, 1024),
                 attn=(4, 8, 512, 64), attn_dtype=torch.float32)
 
 
@@ -92,7 +92,7 @@ def _fused(op_fn):
     return run
 
 
-def _reparam_case(device, shape, quick) -> Case:
+def _reparameterize_case(device, shape, quick) -> Case:
     n = shape[0] * shape[1]
     mu = torch.randn(shape, device=device)
     logvar = 0.5 * torch.randn(shape, device=device)
@@ -243,7 +243,7 @@ def run(device: torch.device, quick: bool = False, ops=OPS, min_time: float | No
     if "attention" in ops:
         cases += _attention_cases(device, sizes)
     if "reparameterize" in ops:
-        cases.append(_reparam_case(device, sizes["reparam"], quick))
+        cases.append(_reparameterize_case(device, sizes["reparameterize"], quick))
     if "elbo" in ops:
         cases += _elbo_cases(device, sizes, quick)
     if "sd_vae" in ops:

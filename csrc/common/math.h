@@ -42,7 +42,7 @@ VAE_HD void sincos_2pi_(double u, double* s, double* c) {
 
 // z = mu + eps * exp(0.5 * logvar): the reparameterization trick.
 template <typename acc_t>
-VAE_HD acc_t reparam_sample(acc_t mu, acc_t logvar, acc_t eps) {
+VAE_HD acc_t reparameterize_sample(acc_t mu, acc_t logvar, acc_t eps) {
   return mu + eps * exp_(acc_t(0.5) * logvar);
 }
 

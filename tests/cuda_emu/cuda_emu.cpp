@@ -1308,7 +1308,7 @@ std::string kernel_description(const void* kernel, const char* signature) {
     name = it->second;
   }
   if (name.empty()) {
-    // "... [with KernelArgs = {vae_ext::ReparamParams, bool}; ...]" -> "kernel(vae_ext::ReparamParams, bool)"
+    // "... [with KernelArgs = {vae_ext::ReparameterizeParams, bool}; ...]" -> "kernel(vae_ext::ReparameterizeParams, bool)"
     std::string sig = signature;
     const std::string key = "KernelArgs = {";
     const size_t b = sig.find(key);

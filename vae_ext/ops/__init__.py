@@ -3,6 +3,6 @@
 
 from vae_ext.ops.attention import masked_attention
 from vae_ext.ops.elbo import elbo_loss
-from vae_ext.ops.reparam import reparameterize
+from vae_ext.ops.reparameterize import reparameterize
 
 __all__ = ["elbo_loss", "masked_attention", "reparameterize"]

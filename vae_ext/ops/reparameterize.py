@@ -98,7 +98,7 @@ def _register() -> None:
         torch._check(grad_z.shape == z.shape, lambda: "reparameterize_backward: grad_z must have the shape of z")
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
-    # Autograd is registered in C++ (csrc/reparam/reparam_autograd.cpp): no Python round trip per call.
+    # Autograd is registered in C++ (csrc/reparameterize/reparameterize_autograd.cpp): no Python round trip per call.
 
 
 if _backend.extension_loaded():

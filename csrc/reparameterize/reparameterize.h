@@ -1,5 +1,5 @@
 // reparameterize: the parameter structs the CPU and CUDA kernels take, and the
-// kernels' entry points. Only reparam.cpp knows about at::Tensor.
+// kernels' entry points. Only reparameterize.cpp knows about at::Tensor.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +14,7 @@ namespace vae_ext {
 // out[k, i] = mu[i] + eps[k, i] * exp(0.5 * logvar[i]) for k < num_samples, i < n.
 // All tensors contiguous and of `dtype`. eps == nullptr: eps[k, i] is the
 // Philox normal of flat element k * n + i (layout in common/philox.h).
-struct ReparamParams {
+struct ReparameterizeParams {
   void* out;
   const void* mu;
   const void* logvar;
@@ -27,7 +27,7 @@ struct ReparamParams {
 
 // grad_mu[i] = sum_k grad_z[k, i];
 // grad_logvar[i] = 0.5 * sum_k grad_z[k, i] * (z[k, i] - mu[i]).
-struct ReparamBackwardParams {
+struct ReparameterizeBackwardParams {
   void* grad_mu;
   void* grad_logvar;
   const void* grad_z;
@@ -38,12 +38,12 @@ struct ReparamBackwardParams {
   DType dtype;
 };
 
-void reparam_forward_cpu(const ReparamParams& p);
-void reparam_backward_cpu(const ReparamBackwardParams& p);
+void reparameterize_forward_cpu(const ReparameterizeParams& p);
+void reparameterize_backward_cpu(const ReparameterizeBackwardParams& p);
 
 #ifdef VAE_EXT_WITH_CUDA
-void reparam_forward_cuda(const ReparamParams& p, CUstream_st* stream);
-void reparam_backward_cuda(const ReparamBackwardParams& p, CUstream_st* stream);
+void reparameterize_forward_cuda(const ReparameterizeParams& p, CUstream_st* stream);
+void reparameterize_backward_cuda(const ReparameterizeBackwardParams& p, CUstream_st* stream);
 #endif
 
 }  // namespace vae_ext

@@ -1,6 +1,6 @@
 // CPU kernels of reparameterize: Philox + Box–Muller + the sample in one pass,
 // vectorised with at::vec and threaded with at::parallel_for.
-#include "reparam/reparam.h"
+#include "reparameterize/reparameterize.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -17,7 +17,7 @@ constexpr int kChunk = kPhiloxNormals;  // elements per chunk: one vectorised Ph
 constexpr int64_t kGrainChunks = 256;   // chunks per parallel task (16K elements)
 
 template <typename scalar_t>
-void forward_impl(const ReparamParams& p) {
+void forward_impl(const ReparameterizeParams& p) {
   using acc_t = acc_type_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const auto* mu = static_cast<const scalar_t*>(p.mu);
@@ -67,7 +67,7 @@ void forward_impl(const ReparamParams& p) {
 }
 
 template <typename scalar_t>
-void backward_impl(const ReparamBackwardParams& p) {
+void backward_impl(const ReparameterizeBackwardParams& p) {
   using acc_t = acc_type_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const auto* grad_z = static_cast<const scalar_t*>(p.grad_z);
@@ -111,11 +111,11 @@ void backward_impl(const ReparamBackwardParams& p) {
 
 }  // namespace
 
-void reparam_forward_cpu(const ReparamParams& p) {
+void reparameterize_forward_cpu(const ReparameterizeParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p); });
 }
 
-void reparam_backward_cpu(const ReparamBackwardParams& p) {
+void reparameterize_backward_cpu(const ReparameterizeBackwardParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { backward_impl<decltype(tag)>(p); });
 }
 

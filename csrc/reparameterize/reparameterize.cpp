@@ -1,6 +1,6 @@
 // reparameterize: the torch glue. Checks what the kernels assume, allocates,
 // fills the params struct and launches the CPU or CUDA kernel.
-#include "reparam/reparam.h"
+#include "reparameterize/reparameterize.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -47,7 +47,7 @@ at::Tensor reparameterize_impl(const at::Tensor& mu, const at::Tensor& logvar, c
   shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
   at::Tensor out = at::empty(shape, mu.options());
 
-  ReparamParams p{};
+  ReparameterizeParams p{};
   p.out = out.data_ptr();
   p.mu = mu_c.const_data_ptr();
   p.logvar = logvar_c.const_data_ptr();
@@ -59,11 +59,11 @@ at::Tensor reparameterize_impl(const at::Tensor& mu, const at::Tensor& logvar, c
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());
     if (!eps_c.defined()) p.philox = philox_state_cuda(seed, generator, 4);
-    reparam_forward_cuda(p, at::cuda::getCurrentCUDAStream());
+    reparameterize_forward_cuda(p, at::cuda::getCurrentCUDAStream());
 #endif
   } else {
     if (!eps_c.defined()) p.philox = philox_state_cpu(seed, generator);
-    reparam_forward_cpu(p);
+    reparameterize_forward_cpu(p);
   }
   return out;
 }
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_impl(const at::Tensor
   at::Tensor grad_mu = at::empty_like(mu_c);
   at::Tensor grad_logvar = at::empty_like(mu_c);
 
-  ReparamBackwardParams p{};
+  ReparameterizeBackwardParams p{};
   p.grad_mu = grad_mu.data_ptr();
   p.grad_logvar = grad_logvar.data_ptr();
   p.grad_z = grad_c.const_data_ptr();
@@ -93,10 +93,10 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_impl(const at::Tensor
   if (mu.is_cuda()) {
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());
-    reparam_backward_cuda(p, at::cuda::getCurrentCUDAStream());
+    reparameterize_backward_cuda(p, at::cuda::getCurrentCUDAStream());
 #endif
   } else {
-    reparam_backward_cpu(p);
+    reparameterize_backward_cpu(p);
   }
   return {grad_mu, grad_logvar};
 }

@@ -1,18 +1,18 @@
-// Glue of csrc/reparam/reparam_cuda.cu: the reparameterize CUDA entry points, run
+// Glue of csrc/reparameterize/reparameterize_cuda.cu: the reparameterize CUDA entry points, run
 // under the CPU emulation, as vae_ext_emu ops on CPU tensors.
 #include <tuple>
 #include <vector>
 
 #include "emu_glue.h"
-#include "reparam/reparam.h"
+#include "reparameterize/reparameterize.h"
 
-namespace vae_ext::emu_glue::reparam {
+namespace vae_ext::emu_glue::reparameterize {
 namespace {
 
-// z (num_samples, *mu.shape) = reparam_forward_cuda on copies of the inputs in device memory. Without eps,
+// z (num_samples, *mu.shape) = reparameterize_forward_cuda on copies of the inputs in device memory. Without eps,
 // eps is drawn from Philox (seed, offset); with seed_in_device_memory the kernel reads seed and offset
 // through pointers, as under CUDA-graph capture.
-at::Tensor reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+at::Tensor reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
                            int64_t num_samples, int64_t seed, int64_t offset, bool seed_in_device_memory) {
   TORCH_CHECK(mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(), "mu / logvar mismatch");
   const at::Tensor d_mu = to_device(mu), d_logvar = to_device(logvar);
@@ -24,7 +24,7 @@ at::Tensor reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, const
   rng.mutable_data_ptr<int64_t>()[0] = seed;
   rng.mutable_data_ptr<int64_t>()[1] = offset;
 
-  ReparamParams p{};
+  ReparameterizeParams p{};
   p.out = out.mutable_data_ptr();
   p.mu = d_mu.const_data_ptr();
   p.logvar = d_logvar.const_data_ptr();
@@ -39,16 +39,16 @@ at::Tensor reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, const
     p.philox.seed = static_cast<uint64_t>(seed);
     p.philox.offset = static_cast<uint64_t>(offset);
   }
-  reparam_forward_cuda(p, nullptr);
+  reparameterize_forward_cuda(p, nullptr);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, const at::Tensor& z,
+std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& z,
                                                     const at::Tensor& mu) {
   const at::Tensor d_grad = to_device(grad_z), d_z = to_device(z), d_mu = to_device(mu);
   at::Tensor grad_mu = device_empty(mu.sizes(), mu.scalar_type());
   at::Tensor grad_logvar = device_empty(mu.sizes(), mu.scalar_type());
-  ReparamBackwardParams p{};
+  ReparameterizeBackwardParams p{};
   p.grad_mu = grad_mu.mutable_data_ptr();
   p.grad_logvar = grad_logvar.mutable_data_ptr();
   p.grad_z = d_grad.const_data_ptr();
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, co
   p.n = mu.numel();
   p.num_samples = z.size(0);
   p.dtype = dtype_of(mu);
-  reparam_backward_cuda(p, nullptr);
+  reparameterize_backward_cuda(p, nullptr);
   return {grad_mu, grad_logvar};
 }
 
@@ -65,10 +65,10 @@ std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, co
 
 TORCH_LIBRARY_FRAGMENT(vae_ext_emu, m) {
   m.def(
-      "reparam_forward(Tensor mu, Tensor logvar, Tensor? eps, int num_samples, int seed, int offset=0, "
+      "reparameterize_forward(Tensor mu, Tensor logvar, Tensor? eps, int num_samples, int seed, int offset=0, "
       "bool seed_in_device_memory=False) -> Tensor",
-      &reparam_forward);
-  m.def("reparam_backward(Tensor grad_z, Tensor z, Tensor mu) -> (Tensor, Tensor)", &reparam_backward);
+      &reparameterize_forward);
+  m.def("reparameterize_backward(Tensor grad_z, Tensor z, Tensor mu) -> (Tensor, Tensor)", &reparameterize_backward);
 }
 
-}  // namespace vae_ext::emu_glue::reparam
+}  // namespace vae_ext::emu_glue::reparameterize

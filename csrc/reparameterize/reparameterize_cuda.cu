@@ -1,7 +1,7 @@
 // CUDA kernels of reparameterize. Each thread owns groups of four consecutive
 // elements: one Philox block gives their four normals, and mu / logvar / out
 // move as one aligned vector when the layout allows.
-#include "reparam/reparam.h"
+#include "reparameterize/reparameterize.h"
 
 #include "common/cuda_launch.cuh"
 #include "common/cuda_utils.cuh"
@@ -14,7 +14,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) reparam_forward_kernel(ReparamParams p, bool vectorized) {
+__global__ void __launch_bounds__(kThreads) reparameterize_forward_kernel(ReparameterizeParams p, bool vectorized) {
   using acc_t = acc_t_of<T>;
   const T* mu = static_cast<const T*>(p.mu);
   const T* logvar = static_cast<const T*>(p.logvar);
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) reparam_forward_kernel(ReparamParams
       }
       Pack4<T> z;
 #pragma unroll
-      for (int t = 0; t < 4; ++t) z.v[t] = from_acc<T>(reparam_sample(to_acc(m.v[t]), to_acc(lv.v[t]), e[t]));
+      for (int t = 0; t < 4; ++t) z.v[t] = from_acc<T>(reparameterize_sample(to_acc(m.v[t]), to_acc(lv.v[t]), e[t]));
       *reinterpret_cast<Pack4<T>*>(out + i0) = z;
     } else {
       int64_t j = j0;
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) reparam_forward_kernel(ReparamParams
       for (int t = 0; t < 4; ++t) {
         if (i0 + t < total) {
           const acc_t et = eps != nullptr ? to_acc(eps[i0 + t]) : e[t];
-          out[i0 + t] = from_acc<T>(reparam_sample(to_acc(mu[j]), to_acc(logvar[j]), et));
+          out[i0 + t] = from_acc<T>(reparameterize_sample(to_acc(mu[j]), to_acc(logvar[j]), et));
         }
         j = (j + 1 == n) ? 0 : j + 1;
       }
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) reparam_forward_kernel(ReparamParams
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackwardParams p) {
+__global__ void __launch_bounds__(kThreads) reparameterize_backward_kernel(ReparameterizeBackwardParams p) {
   using acc_t = acc_t_of<T>;
   const T* grad_z = static_cast<const T*>(p.grad_z);
   const T* z = static_cast<const T*>(p.z);
@@ -90,7 +90,7 @@ bool aligned(const void* ptr, size_t bytes) {
 
 }  // namespace
 
-void reparam_forward_cuda(const ReparamParams& p, CUstream_st* stream) {
+void reparameterize_forward_cuda(const ReparameterizeParams& p, CUstream_st* stream) {
   const int64_t total = p.n * p.num_samples;
   if (total == 0) return;
   dispatch_dtype_cuda(p.dtype, [&](auto tag) {
@@ -98,16 +98,16 @@ void reparam_forward_cuda(const ReparamParams& p, CUstream_st* stream) {
     const size_t vec_bytes = 4 * sizeof(T);
     const bool vectorized = p.n % 4 == 0 && aligned(p.mu, vec_bytes) && aligned(p.logvar, vec_bytes) &&
                             aligned(p.eps, vec_bytes) && aligned(p.out, vec_bytes);
-    launch(reparam_forward_kernel<T>, grid_size((total + 3) / 4, kThreads), kThreads, 0, stream, p, vectorized);
+    launch(reparameterize_forward_kernel<T>, grid_size((total + 3) / 4, kThreads), kThreads, 0, stream, p, vectorized);
   });
   check_launch("reparameterize forward kernel");
 }
 
-void reparam_backward_cuda(const ReparamBackwardParams& p, CUstream_st* stream) {
+void reparameterize_backward_cuda(const ReparameterizeBackwardParams& p, CUstream_st* stream) {
   if (p.n == 0) return;
   dispatch_dtype_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch(reparam_backward_kernel<T>, grid_size(p.n, kThreads), kThreads, 0, stream, p);
+    launch(reparameterize_backward_kernel<T>, grid_size(p.n, kThreads), kThreads, 0, stream, p);
   });
   check_launch("reparameterize backward kernel");
 }
