@@ -47,16 +47,8 @@ def demangle(names):
 
 def short(name):
     """A demangled kernel name without return type, namespaces and parameter list."""
-    base, depth = name, 0
-    if name.endswith(")"):
-        for i in range(len(name) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(name[i], 0)
-            if depth == 0:
-                base = name[:i]
-                break
-    for junk in ("void ", "vae_ext::", "(anonymous namespace)::"):
-        base = base.replace(junk, "")
-    return base.strip()
+    from emu_counters import _short  # the names of the emulation's counters report, to join on
+    return _short(name).strip()
 
 
 def find_cuobjdump():

@@ -89,9 +89,9 @@ def _short(name):
             if depth == 0:
                 base = name[:i]
                 break
-    for prefix in ("void ", "vae_ext::"):
-        base = base.replace(prefix, "")
-    return base.replace("(anonymous namespace)::", "")
+    for junk in ("void ", "vae_ext::", "(anonymous namespace)::"):
+        base = base.replace(junk, "")
+    return base
 
 
 def _ratio(a, b):
