@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include "attention/attention.h"
+
 #ifndef VAE_EXT_CUDA_ARCHS
 #define VAE_EXT_CUDA_ARCHS ""
 #endif
@@ -60,6 +62,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda"] = false;
 #endif
     info["cuda_archs"] = std::string(VAE_EXT_CUDA_ARCHS);
+#ifdef VAE_EXT_WITH_CUDA
+    pybind11::list tc_dims;
+    for (const int d : vae_ext::attn::kTensorCoreHeadDims) tc_dims.append(d);
+    info["attention_cuda_tensor_core_head_dims"] = tc_dims;
+    info["attention_cuda_max_head_dim"] = vae_ext::attn::kMaxSimtHeadDim;
+#endif
     info["cpu_arch"] = std::string(VAE_EXT_CPU_ARCH);
 #ifdef _OPENMP
     info["openmp"] = true;

@@ -115,4 +115,14 @@ void attention_backward_cuda(const AttentionBackwardParams& p, CUstream_st* stre
 size_t attention_backward_cuda_workspace_bytes(const AttentionBackwardParams& p);
 #endif
 
+// The head dims of the CUDA kernels (build_info reports them; vae_ext/ops/attention.py reads them from
+// there): tensor cores (bf16/fp16) compiled at kTensorCoreHeadDims, every other D <= 128 running the next
+// one up; FFMA kernels for float32, and for 16-bit D in (128, 256].
+namespace attn {
+constexpr int kTensorCoreHeadDims[] = {32, 64, 96, 128};
+constexpr int kMaxTensorCoreHeadDim = 128;
+constexpr int kMaxSimtHeadDim = 256;
+inline int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
+}  // namespace attn
+
 }  // namespace vae_ext

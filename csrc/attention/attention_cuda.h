@@ -42,10 +42,6 @@ inline unsigned grid_blocks(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
 }
 
-// The compiled head dims of the tensor-core kernels; other D <= 128 run the next one up.
-constexpr int kMaxTensorCoreHeadDim = 128;
-constexpr int kMaxSimtHeadDim = 256;
-inline int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
 
 // The largest dynamic shared memory a tensor-core kernel of a compiled head dim uses
 // (its dK/dV kernel; attention_cuda.cuh checks the tile configs against it). A device

@@ -87,14 +87,6 @@ VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
   return state.sum == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : state.max + log_(state.sum);
 }
 
-// The backward's probability of a (scaled, masked) score: exp(score - lse), 0 for a
-// masked score (-inf) and for every score of an empty row (lse = +inf). (The CPU
-// kernel evaluates this and softmax_grad below on whole rows with at::vec.)
-template <typename acc_t>
-VAE_HD acc_t softmax_prob_from_lse(acc_t score, acc_t lse) {
-  return exp_(score - lse);
-}
-
 // dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element;
 // exactly 0 where P is 0 (a hidden pair) even when dP or delta is NaN (a NaN value of a
 // hidden key, the delta of a NaN row): NaN flows along visible pairs only.

@@ -20,8 +20,6 @@ def _has_kernel() -> bool:
     return _backend.extension_loaded() and hasattr(torch.ops.vae_ext, "masked_attention_forward")
 
 
-_CUDA_TC_MAX_HEAD_DIM = 128
-_CUDA_MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1  # the kernels' params hold B, H, Hkv, Sq, Sk, D as int32
 
 
@@ -35,8 +33,11 @@ def _size_over_int32(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def _cuda_padded_head_dim(d: int) -> int:
-    return next(c for c in (32, 64, 96, 128) if d <= c)
+def _cuda_head_dims() -> tuple[tuple[int, ...], int]:
+    """The CUDA kernels' head dims as the build reports them (csrc/attention/attention.h): the compiled
+    tensor-core head dims, and the largest head dim of any CUDA kernel (0: no CUDA kernels)."""
+    info = _backend.build_info()
+    return tuple(info.get("attention_cuda_tensor_core_head_dims", ())), int(info.get("attention_cuda_max_head_dim", 0))
 
 
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False,
@@ -57,14 +58,16 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_
     if dtype not in FLOAT_DTYPES:
         return False, f"dtype {dtype} has no kernel"
     if device.type == "cuda":
-        # csrc/attention/attention_cuda.cu: tensor cores for bf16/fp16 with D <= 128 (padded to
-        # 32/64/96/128), FFMA kernels for float32 and for bf16/fp16 with 128 < D <= 256.
+        # Tensor cores for bf16/fp16 up to the largest compiled head dim (padded to the next one),
+        # FFMA kernels for float32 and the larger 16-bit head dims: the limits the build reports.
         if dtype == torch.float64:
             return False, "float64 has no CUDA kernel (the reference runs)"
-        if head_dim > _CUDA_MAX_HEAD_DIM:
-            return False, f"head dim {head_dim} > {_CUDA_MAX_HEAD_DIM} has no CUDA kernel (the reference runs)"
-        if dtype in (torch.bfloat16, torch.float16) and head_dim <= _CUDA_TC_MAX_HEAD_DIM:
-            return True, f"{reason}: tensor-core kernels (head dim padded to {_cuda_padded_head_dim(head_dim)})"
+        tc_dims, max_dim = _cuda_head_dims()
+        if head_dim > max_dim:
+            return False, f"head dim {head_dim} > {max_dim} has no CUDA kernel (the reference runs)"
+        if dtype in (torch.bfloat16, torch.float16) and tc_dims and head_dim <= tc_dims[-1]:
+            padded = next(c for c in tc_dims if head_dim <= c)
+            return True, f"{reason}: tensor-core kernels (head dim padded to {padded})"
         return True, f"{reason}: FFMA kernels (float32 arithmetic)"
     return True, reason
 
