@@ -38,3 +38,11 @@ def pytest_report_header(config):
     info = vae_ext.backend_info()
     return [f"vae_ext {info['version']}: extension loaded={info['extension_loaded']} build={info['build']} "
             f"gpu={info['gpu']}"]
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The project's CUDA kernels built under the CPU emulation: torch.ops.vae_ext_emu (tests/cuda_emu)."""
+    import cuda_emu
+
+    return cuda_emu.load()

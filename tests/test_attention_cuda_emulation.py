@@ -23,11 +23,6 @@ pytestmark = cuda_emu.requires_emulation
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return cuda_emu.load()
-
-
 def keep_mask(seed, offset, shape, p):
     """The kernels' dropout keep-mask for counter_lo = offset // 4 (reference.dropout_keep_mask is offset 0)."""
     b, h, sq, sk = shape

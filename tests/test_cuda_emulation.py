@@ -16,11 +16,6 @@ import cuda_emu
 pytestmark = cuda_emu.requires_emulation
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return cuda_emu.load()
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -39,11 +39,6 @@ NAMES = ("loss", "recon", "kl", "grad_recon", "grad_mu", "grad_logvar", "grad_pr
 ALL = [True] * 6
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return cuda_emu.load()
-
-
 @pytest.fixture
 def num_sms(emu):
     """Sets the emulated SM count for one test (restored afterwards)."""

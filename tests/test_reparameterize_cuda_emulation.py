@@ -13,11 +13,6 @@ from vae_ext import reference
 pytestmark = cuda_emu.requires_emulation
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return cuda_emu.load()
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

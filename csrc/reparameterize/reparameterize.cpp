@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/torch_utils.h"
+#include "reparameterize/reparameterize_glue.h"
 
 #ifdef VAE_EXT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -47,14 +48,7 @@ at::Tensor reparameterize_impl(const at::Tensor& mu, const at::Tensor& logvar, c
   shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
   at::Tensor out = at::empty(shape, mu.options());
 
-  ReparameterizeParams p{};
-  p.out = out.data_ptr();
-  p.mu = mu_c.const_data_ptr();
-  p.logvar = logvar_c.const_data_ptr();
-  p.eps = eps_c.defined() ? eps_c.const_data_ptr() : nullptr;
-  p.n = mu.numel();
-  p.num_samples = num_samples;
-  p.dtype = to_dtype(mu.scalar_type(), "reparameterize");
+  ReparameterizeParams p = make_reparameterize_params(out, mu_c, logvar_c, eps_c);
   if (mu.is_cuda()) {
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());
@@ -81,15 +75,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_impl(const at::Tensor
   at::Tensor grad_mu = at::empty_like(mu_c);
   at::Tensor grad_logvar = at::empty_like(mu_c);
 
-  ReparameterizeBackwardParams p{};
-  p.grad_mu = grad_mu.data_ptr();
-  p.grad_logvar = grad_logvar.data_ptr();
-  p.grad_z = grad_c.const_data_ptr();
-  p.z = z_c.const_data_ptr();
-  p.mu = mu_c.const_data_ptr();
-  p.n = mu.numel();
-  p.num_samples = z.size(0);
-  p.dtype = to_dtype(mu.scalar_type(), "reparameterize_backward");
+  const ReparameterizeBackwardParams p = make_reparameterize_backward_params(grad_mu, grad_logvar, grad_c, z_c, mu_c);
   if (mu.is_cuda()) {
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "emu_glue.h"
-#include "reparameterize/reparameterize.h"
+#include "reparameterize/reparameterize_glue.h"
 
 namespace vae_ext::emu_glue::reparameterize {
 namespace {
@@ -24,14 +24,7 @@ at::Tensor reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar
   rng.mutable_data_ptr<int64_t>()[0] = seed;
   rng.mutable_data_ptr<int64_t>()[1] = offset;
 
-  ReparameterizeParams p{};
-  p.out = out.mutable_data_ptr();
-  p.mu = d_mu.const_data_ptr();
-  p.logvar = d_logvar.const_data_ptr();
-  p.eps = d_eps.has_value() ? d_eps->const_data_ptr() : nullptr;
-  p.n = mu.numel();
-  p.num_samples = num_samples;
-  p.dtype = dtype_of(mu);
+  ReparameterizeParams p = make_reparameterize_params(out, d_mu, d_logvar, d_eps.value_or(at::Tensor()));
   if (seed_in_device_memory) {
     p.philox.seed_ptr = rng.const_data_ptr<int64_t>();
     p.philox.offset_ptr = rng.const_data_ptr<int64_t>() + 1;
@@ -48,16 +41,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   const at::Tensor d_grad = to_device(grad_z), d_z = to_device(z), d_mu = to_device(mu);
   at::Tensor grad_mu = device_empty(mu.sizes(), mu.scalar_type());
   at::Tensor grad_logvar = device_empty(mu.sizes(), mu.scalar_type());
-  ReparameterizeBackwardParams p{};
-  p.grad_mu = grad_mu.mutable_data_ptr();
-  p.grad_logvar = grad_logvar.mutable_data_ptr();
-  p.grad_z = d_grad.const_data_ptr();
-  p.z = d_z.const_data_ptr();
-  p.mu = d_mu.const_data_ptr();
-  p.n = mu.numel();
-  p.num_samples = z.size(0);
-  p.dtype = dtype_of(mu);
-  reparameterize_backward_cuda(p, nullptr);
+  reparameterize_backward_cuda(make_reparameterize_backward_params(grad_mu, grad_logvar, d_grad, d_z, d_mu), nullptr);
   return {grad_mu, grad_logvar};
 }
 
