@@ -310,14 +310,9 @@ def device_name(device: torch.device) -> str:
 
 
 def main(args) -> int:
-    from vae_ext.train import TrainError
+    from vae_ext.train import TrainError, pick_device
 
-    spec = args.device
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: this torch sees no CUDA device")
+    device = pick_device(args.device)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad:

@@ -76,12 +76,9 @@ def main(args) -> int:
     if args.dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
     dtype = DTYPES[args.dtype]
-    spec = args.device
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: this torch sees no CUDA device")
+    from vae_ext.train import pick_device
+
+    device = pick_device(args.device)
     if not os.path.exists(args.weights):
         raise DataError(f"--weights: {args.weights}: no such file or folder")
     missing = [p for p in args.images if not os.path.isfile(p)]

@@ -174,7 +174,8 @@ class Dist:
         return self.world > 1
 
 
-def _pick_device(spec: str, local_rank: int) -> torch.device:
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """The device of a --device flag (auto, cpu, cuda[:N]); a clear TrainError for one that cannot run."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -194,9 +195,9 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
 def _setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(), _pick_device(device_spec, 0)
+        return Dist(), pick_device(device_spec, 0)
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = _pick_device(device_spec, d.local_rank)
+    device = pick_device(device_spec, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
