@@ -25,19 +25,30 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from cuda_toolkit import find_cuda_home, nvidia_pip_include_dirs  # noqa: E402
 
 
-def cpu_arch_flags():
-    wanted = os.environ.get("VAE_EXT_CPU_ARCH", "auto").lower()
-    if wanted == "auto":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            wanted = "avx2" if (" avx2" in flags and " fma" in flags) else "generic"
-        except OSError:
-            wanted = "generic"
-    if wanted == "avx2":
-        # ATen's at::vec picks its AVX2 implementation from these macros.
-        return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "generic", []
+# Run-time CPU-capability dispatch (csrc/common/cpu_capability.h): the CPU kernel
+# sources are compiled once per capability, with ATen's flags for it; every other
+# source is built for the portable x86-64 baseline (DEFAULT).
+CPU_KERNEL_SOURCES = ["csrc/attention/attention_cpu.cpp", "csrc/elbo/elbo_cpu.cpp",
+                      "csrc/reparameterize/reparameterize_cpu.cpp"]
+CPU_CAPABILITY_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mbmi", "-mbmi2", "-mlzcnt"],
+}
+
+
+def cpu_capabilities():
+    """The capabilities beyond DEFAULT to build: VAE_EXT_CPU_CAPABILITIES=avx2,avx512 (default on x86-64)."""
+    import platform
+
+    wanted = os.environ.get("VAE_EXT_CPU_CAPABILITIES")
+    if wanted is None:
+        wanted = "avx2,avx512" if platform.machine().lower() in ("x86_64", "amd64") else ""
+    caps = [c.strip().upper() for c in wanted.split(",") if c.strip() and c.strip().lower() != "default"]
+    unknown = [c for c in caps if c not in CPU_CAPABILITY_FLAGS]
+    if unknown:
+        raise SystemExit(f"VAE_EXT_CPU_CAPABILITIES: unknown {unknown}; choose from avx2, avx512")
+    return [c for c in CPU_CAPABILITY_FLAGS if c in caps]
 
 
 def make_extension():
@@ -54,19 +65,22 @@ def make_extension():
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home  # in case torch.utils.cpp_extension was imported before
 
-    cpu_arch, arch_flags = cpu_arch_flags()
+    caps = cpu_capabilities()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     defines = [
-        f'-DVAE_EXT_CPU_ARCH="{cpu_arch}"',
         f'-DVAE_EXT_BUILT_WITH_TORCH="{torch.__version__}"',
-    ]
-    cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-interference-size"] + arch_flags + defines
+        "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT",
+    ] + [f"-DVAE_EXT_HAVE_CPU_{c}" for c in caps]
+    cpu_arch = ",".join(["default"] + [c.lower() for c in caps])
+    cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-interference-size"] + defines
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="vae_ext._C", include_dirs=include_dirs, extra_link_args=["-fopenmp"])
 
     if not with_cuda:
-        print(f"vae_ext: building the CPU kernels only (cpu arch: {cpu_arch})", flush=True)
-        return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        print(f"vae_ext: building the CPU kernels only (CPU capabilities: {cpu_arch})", flush=True)
+        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext.cpu_capabilities = caps
+        return ext
 
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
@@ -74,16 +88,38 @@ def make_extension():
     cuda_defines = ["-DVAE_EXT_WITH_CUDA", f'-DVAE_EXT_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xfatbin", "-compress-all",
             "-DVAE_EXT_WITH_CUDA"]
-    print(f"vae_ext: building CPU and CUDA kernels (CUDA {cuda_home}, archs {archs}, cpu arch: {cpu_arch})",
+    print(f"vae_ext: building CPU and CUDA kernels (CUDA {cuda_home}, archs {archs}, CPU capabilities: {cpu_arch})",
           flush=True)
-    return cpp_extension.CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         sources=sources, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc}, **kwargs)
+    ext.cpu_capabilities = caps
+    return ext
 
 
 def build_ext_cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja())}
+    class BuildWithCpuCapabilities(BuildExtension):
+        """Compiles CPU_KERNEL_SOURCES once more per capability (own flags, own object
+        folder) and links those objects in; the rest is BuildExtension's."""
+
+        def build_extension(self, ext):
+            objects = []
+            for cap in getattr(ext, "cpu_capabilities", []):
+                args = ext.extra_compile_args
+                cxx = list(args["cxx"] if isinstance(args, dict) else args)
+                cxx += ["-UCPU_CAPABILITY", "-UCPU_CAPABILITY_DEFAULT", f"-DCPU_CAPABILITY={cap}",
+                        f"-DCPU_CAPABILITY_{cap}"] + CPU_CAPABILITY_FLAGS[cap]
+                objects += self.compiler.compile(
+                    [os.path.join(ROOT, src) for src in CPU_KERNEL_SOURCES],
+                    output_dir=os.path.join(self.build_temp, "cpu_capability", cap.lower()),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs={"cxx": cxx, "nvcc": []}, depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return {"build_ext": BuildWithCpuCapabilities.with_options(
+        use_ninja=shutil.which("ninja") is not None or _has_ninja())}
 
 
 def _has_ninja():

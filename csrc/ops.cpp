@@ -8,12 +8,10 @@
 #include <string>
 
 #include "attention/attention.h"
+#include "common/cpu_capability.h"
 
 #ifndef VAE_EXT_CUDA_ARCHS
 #define VAE_EXT_CUDA_ARCHS ""
-#endif
-#ifndef VAE_EXT_CPU_ARCH
-#define VAE_EXT_CPU_ARCH "generic"
 #endif
 #ifndef VAE_EXT_BUILT_WITH_TORCH
 #define VAE_EXT_BUILT_WITH_TORCH ""
@@ -68,7 +66,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["attention_cuda_tensor_core_head_dims"] = tc_dims;
     info["attention_cuda_max_head_dim"] = vae_ext::attn::kMaxSimtHeadDim;
 #endif
-    info["cpu_arch"] = std::string(VAE_EXT_CPU_ARCH);
+    info["cpu_capabilities"] = vae_ext::built_cpu_capabilities();
+    info["cpu_capability"] = std::string(vae_ext::cpu_capability_name(vae_ext::cpu_capability()));
+    info["cpu_capability_best"] = std::string(vae_ext::cpu_capability_name(vae_ext::best_cpu_capability()));
 #ifdef _OPENMP
     info["openmp"] = true;
 #else
@@ -76,5 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["torch_version"] = std::string(VAE_EXT_BUILT_WITH_TORCH);
     return info;
+  });
+  // Tests only: switch the CPU kernels' capability in-process ("" = the env/best choice).
+  m.def("_set_cpu_capability", [](const std::string& name) {
+    return std::string(vae_ext::cpu_capability_name(vae_ext::set_cpu_capability(name)));
   });
 }

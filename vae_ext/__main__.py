@@ -28,8 +28,10 @@ def _cmd_info(args) -> int:
     if info["extension_loaded"]:
         b = info["build"]
         cuda = f"CUDA archs {b['cuda_archs']}" if b.get("cuda") else "no CUDA kernels"
-        print(f"extension: built with torch {b.get('torch_version')}, CPU ({b.get('cpu_arch')}, "
-              f"OpenMP {'on' if b.get('openmp') else 'off'}), {cuda}")
+        print(f"extension: built with torch {b.get('torch_version')}, CPU kernels for {b.get('cpu_capabilities')} "
+              f"(OpenMP {'on' if b.get('openmp') else 'off'}), {cuda}")
+        print(f"CPU capability: {b.get('cpu_capability')} (best on this CPU: {b.get('cpu_capability_best')}; "
+              "VAE_EXT_CPU_CAPABILITY=default|avx2|avx512 asks for a lower one)")
     else:
         print(f"extension: not loaded ({info['load_error']}); every op runs the PyTorch reference")
     print(f"backend mode: {info['mode']}")

@@ -77,8 +77,9 @@ def load_error() -> str | None:
 
 
 def build_info() -> dict:
-    """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str, 'cpu_arch': str, ...}."""
-    return dict(_BUILD)
+    """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str, 'cpu_capabilities': str (built,
+    lowest first), 'cpu_capability': str (the one the CPU kernels run with), ...}."""
+    return dict(_C.build_info()) if _C is not None else {}
 
 
 def device_supported(device: torch.device) -> tuple[bool, str]:

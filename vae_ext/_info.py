@@ -21,7 +21,7 @@ def backend_info() -> dict:
     """A dict describing the build and the backend each op uses on this machine.
 
     Keys: version, torch, cuda (torch's CUDA version or None), gpu, mode,
-    extension_loaded, load_error, build ({'cuda', 'cuda_archs', 'cpu_arch', 'openmp', ...}),
+    extension_loaded, load_error, build ({'cuda', 'cuda_archs', 'cpu_capabilities', 'cpu_capability', 'openmp', ...}),
     ops ({op: {device: {'backend': 'extension'|'reference', 'reason': str}}}).
     """
     from vae_ext import __version__

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_forward_impl(
       rs[1] = static_cast<int64_t>(p.philox.offset);
     }
     p.rng_state = rng_state.data_ptr<int64_t>();
-    if (B * H * Sq > 0) attention_forward_cpu(p);
+    if (B * H * Sq > 0) VAE_EXT_CPU_DISPATCH(attention_forward_cpu, p);
   }
   return {out, lse, rng_state};
 }
@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_impl(
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
 #endif
   } else {
-    attention_backward_cpu(bp);
+    VAE_EXT_CPU_DISPATCH(attention_backward_cpu, bp);
   }
   return {dq, dk, dv};
 }

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/dtype.h"
 #include "common/philox.h"
 
@@ -106,8 +107,8 @@ struct AttentionBackwardParams {
   bool deterministic = false;
 };
 
-void attention_forward_cpu(const AttentionParams& p);
-void attention_backward_cpu(const AttentionBackwardParams& p);
+VAE_EXT_DECLARE_CPU_KERNEL(void attention_forward_cpu(const AttentionParams& p))
+VAE_EXT_DECLARE_CPU_KERNEL(void attention_backward_cpu(const AttentionBackwardParams& p))
 
 #ifdef VAE_EXT_WITH_CUDA
 void attention_forward_cuda(const AttentionParams& p, CUstream_st* stream);

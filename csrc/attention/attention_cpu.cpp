@@ -18,6 +18,9 @@
 // Tile products run on float32/float64 tiles (16-bit inputs are widened tile by
 // tile), either with the BLAS that torch links (MKL's sgemm_/dgemm_ where
 // present) or with the at::vec register-blocked kernel below; see kGemm.
+#ifndef CPU_CAPABILITY
+#error "CPU kernels are compiled with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> (setup.py)"
+#endif
 #include "attention/attention.h"
 
 #include <ATen/Parallel.h>
@@ -910,6 +913,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
 
 }  // namespace
 
+// Compiled once per CPU capability (common/cpu_capability.h).
+namespace CPU_CAPABILITY {
+
 void attention_forward_cpu(const AttentionParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p); });
 }
@@ -918,4 +924,5 @@ void attention_backward_cpu(const AttentionBackwardParams& p) {
   dispatch_dtype(p.fwd.dtype, [&](auto tag) { backward_impl<decltype(tag)>(p); });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace vae_ext

@@ -12,6 +12,7 @@
 #include "common/math.h"
 
 namespace vae_ext {
+VAE_EXT_CPU_NS_BEGIN
 
 // ---------------------------------------------------------------- dropout
 
@@ -95,4 +96,5 @@ VAE_HD acc_t softmax_grad(acc_t prob, acc_t dprob, acc_t delta) {
   return prob == acc_t(0) ? acc_t(0) : prob * (dprob - delta);
 }
 
+VAE_EXT_CPU_NS_END
 }  // namespace vae_ext

@@ -10,8 +10,10 @@
 #include <type_traits>
 
 #include "common/dtype.h"
+#include "common/macros.h"
 
 namespace vae_ext {
+VAE_EXT_CPU_NS_BEGIN
 
 // Math type for an element type: float for the 16-bit types and float32, double for float64.
 template <typename scalar_t>
@@ -47,4 +49,5 @@ inline void store_narrow(const acc_t* src, scalar_t* dst, int len) {
   }
 }
 
+VAE_EXT_CPU_NS_END
 }  // namespace vae_ext

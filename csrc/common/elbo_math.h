@@ -17,6 +17,7 @@
 #include "common/math.h"
 
 namespace vae_ext {
+VAE_EXT_CPU_NS_BEGIN
 
 template <typename V>
 struct ElboMath;  // scalar type; primitives exp, expm1, log, log1p, log1p_unit (argument in [0, 1]), abs,
@@ -199,4 +200,5 @@ VAE_HD T ce_loss(T lse, T x_target) {
   return lse - x_target;
 }
 
+VAE_EXT_CPU_NS_END
 }  // namespace vae_ext

@@ -10,12 +10,13 @@
 
 #include "common/philox.h"
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #include <sleef.h>
 #endif
 
 namespace vae_ext {
+VAE_EXT_CPU_NS_BEGIN
 
 constexpr int kPhiloxLanes = 16;                  // Philox blocks per call
 constexpr int kPhiloxNormals = 4 * kPhiloxLanes;  // normals per call
@@ -23,7 +24,7 @@ constexpr int kPhiloxNormals = 4 * kPhiloxLanes;  // normals per call
 // bits[j][l] = word j of philox4x32_10(seed, counter_lo, first_group + l).
 inline void philox_blocks_cpu(uint64_t seed, uint64_t counter_lo, uint64_t first_group,
                               uint32_t bits[4][kPhiloxLanes]) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   constexpr int V = kPhiloxLanes / 8;
   __m256i c0[V], c1[V], c2[V], c3[V];
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
@@ -81,7 +82,7 @@ template <typename acc_t>
 inline void philox_normals_cpu(uint64_t seed, uint64_t counter_lo, uint64_t first_group, acc_t* out) {
   alignas(32) uint32_t bits[4][kPhiloxLanes];
   philox_blocks_cpu(seed, counter_lo, first_group, bits);
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m256 scale = _mm256_set1_ps(5.9604644775390625e-08f), minus_two = _mm256_set1_ps(-2.0f);
     const __m256i one = _mm256_set1_epi32(1);
@@ -137,4 +138,5 @@ inline void philox_normals_cpu(uint64_t seed, uint64_t counter_lo, uint64_t firs
   }
 }
 
+VAE_EXT_CPU_NS_END
 }  // namespace vae_ext

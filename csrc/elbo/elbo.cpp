@@ -55,7 +55,7 @@ elbo_glue::ForwardResult elbo_forward_impl(const at::Tensor& recon, const at::Te
     TORCH_CHECK(false, "elbo_forward: this build has no CUDA kernels");
 #endif
   } else {
-    elbo_forward_cpu(call.params);
+    VAE_EXT_CPU_DISPATCH(elbo_forward_cpu, call.params);
   }
   return elbo_glue::finish_forward(call);
 }
@@ -69,7 +69,7 @@ at::Tensor elbo_scale_grad_impl(const at::Tensor& grad, const at::Tensor& scale)
     elbo_scale_grad_cuda(call.params, at::cuda::getCurrentCUDAStream());
 #endif
   } else {
-    elbo_scale_grad_cpu(call.params);
+    VAE_EXT_CPU_DISPATCH(elbo_scale_grad_cpu, call.params);
   }
   return call.out;
 }

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/dtype.h"
 
 struct CUstream_st;  // cudaStream_t without the CUDA headers
@@ -100,8 +101,8 @@ struct ElboScaleParams {
   int64_t scale_stride;  // 0 (one scale for all rows) or 1
 };
 
-void elbo_forward_cpu(const ElboParams& p);
-void elbo_scale_grad_cpu(const ElboScaleParams& p);
+VAE_EXT_DECLARE_CPU_KERNEL(void elbo_forward_cpu(const ElboParams& p))
+VAE_EXT_DECLARE_CPU_KERNEL(void elbo_scale_grad_cpu(const ElboScaleParams& p))
 
 #ifdef VAE_EXT_WITH_CUDA
 size_t elbo_cuda_workspace_bytes(const ElboParams& p);

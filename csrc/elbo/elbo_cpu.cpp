@@ -7,6 +7,9 @@
 // chunks of kLatentChunk; each chunk's partial sum is accumulated in a fixed
 // lane order and the partials of a sample are added in chunk order in float64.
 // Nothing depends on which thread ran which chunk.
+#ifndef CPU_CAPABILITY
+#error "CPU kernels are compiled with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> (setup.py)"
+#endif
 #include "elbo/elbo.h"
 
 #include <ATen/Parallel.h>
@@ -498,6 +501,9 @@ void scale_impl(const ElboScaleParams& p) {
 
 }  // namespace
 
+// Compiled once per CPU capability (common/cpu_capability.h).
+namespace CPU_CAPABILITY {
+
 void elbo_forward_cpu(const ElboParams& p) {
   const int64_t B = p.batch;
   std::vector<double> recon_b(B, 0.0), gs_b(B, 0.0), kl_b(B, 0.0);
@@ -553,4 +559,5 @@ void elbo_scale_grad_cpu(const ElboScaleParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { scale_impl<decltype(tag)>(p); });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace vae_ext

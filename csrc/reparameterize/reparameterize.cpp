@@ -57,7 +57,7 @@ at::Tensor reparameterize_impl(const at::Tensor& mu, const at::Tensor& logvar, c
 #endif
   } else {
     if (!eps_c.defined()) p.philox = philox_state_cpu(seed, generator);
-    reparameterize_forward_cpu(p);
+    VAE_EXT_CPU_DISPATCH(reparameterize_forward_cpu, p);
   }
   return out;
 }
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_impl(const at::Tensor
     reparameterize_backward_cuda(p, at::cuda::getCurrentCUDAStream());
 #endif
   } else {
-    reparameterize_backward_cpu(p);
+    VAE_EXT_CPU_DISPATCH(reparameterize_backward_cpu, p);
   }
   return {grad_mu, grad_logvar};
 }

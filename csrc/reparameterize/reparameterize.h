@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/dtype.h"
 #include "common/philox.h"
 
@@ -38,8 +39,8 @@ struct ReparameterizeBackwardParams {
   DType dtype;
 };
 
-void reparameterize_forward_cpu(const ReparameterizeParams& p);
-void reparameterize_backward_cpu(const ReparameterizeBackwardParams& p);
+VAE_EXT_DECLARE_CPU_KERNEL(void reparameterize_forward_cpu(const ReparameterizeParams& p))
+VAE_EXT_DECLARE_CPU_KERNEL(void reparameterize_backward_cpu(const ReparameterizeBackwardParams& p))
 
 #ifdef VAE_EXT_WITH_CUDA
 void reparameterize_forward_cuda(const ReparameterizeParams& p, CUstream_st* stream);

@@ -1,5 +1,8 @@
 // CPU kernels of reparameterize: Philox + Box–Muller + the sample in one pass,
 // vectorised with at::vec and threaded with at::parallel_for.
+#ifndef CPU_CAPABILITY
+#error "CPU kernels are compiled with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> (setup.py)"
+#endif
 #include "reparameterize/reparameterize.h"
 
 #include <ATen/Parallel.h>
@@ -111,6 +114,9 @@ void backward_impl(const ReparameterizeBackwardParams& p) {
 
 }  // namespace
 
+// Compiled once per CPU capability (common/cpu_capability.h).
+namespace CPU_CAPABILITY {
+
 void reparameterize_forward_cpu(const ReparameterizeParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p); });
 }
@@ -119,4 +125,5 @@ void reparameterize_backward_cpu(const ReparameterizeBackwardParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { backward_impl<decltype(tag)>(p); });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace vae_ext
