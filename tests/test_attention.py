@@ -588,3 +588,35 @@ def test_cuda_and_cpu_drop_the_same_elements_for_one_seed(dtype):
     a = vae_ext.masked_attention(qe, ke, v_eye, dropout_p=0.3, seed=5) == 0
     b = vae_ext.masked_attention(qe.cuda(), ke.cuda(), v_eye.cuda(), dropout_p=0.3, seed=5) == 0
     assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "padding", "lower_right", "upper_left", "dropout", "strided_q"])
+def test_gqa_decode_packs_heads_of_a_kv_head(dtype, case):
+    """Decoding (Sq = 1) with GQA runs the G query heads of a kv head as one tile (CPU);
+    the same call with an all-True attn_mask (which the packed path does not take) is the
+    oracle: same results, the same dropout mask."""
+    g = torch.Generator().manual_seed(21)
+    B, H, Hkv, Sk, D = 2, 8, 2, 300, 40
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    if case == "strided_q":  # head stride != D
+        q = torch.randn(B, H, 3, D, generator=g).to(dtype)[:, :, 1:2]
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
+    kw = {}
+    if case == "padding":
+        kw["key_padding_mask"] = torch.arange(Sk)[None, :] >= torch.tensor([[Sk], [123]])
+    elif case in ("lower_right", "upper_left"):
+        kw.update(is_causal=True, causal_alignment=case)
+    elif case == "dropout":
+        kw.update(dropout_p=0.25, seed=4)
+    with vae_ext.use_backend("extension"), torch.inference_mode():
+        out = vae_ext.masked_attention(q, k, v, **kw)
+        oracle = vae_ext.masked_attention(q, k, v, attn_mask=torch.ones(1, 1, 1, Sk, dtype=torch.bool), **kw)
+    with vae_ext.use_backend("reference"):
+        ref = vae_ext.masked_attention(q.double(), k.double(), v.double(), **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), oracle.float(), atol=tol, rtol=tol)
+    if case == "dropout":
+        assert torch.equal(out == 0, oracle == 0)
+    else:
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

@@ -35,6 +35,7 @@
 #include <memory>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/attention_math.h"
@@ -58,10 +59,12 @@ namespace {
 // ---------------------------------------------------------------- configuration
 
 // Tile sizes (queries x keys). The key tile is a multiple of 64: one vectorised
-// Philox call covers 64 keys of a row. Tuning knobs for benchmarks:
-// VAE_EXT_ATTN_BLOCK_Q, VAE_EXT_ATTN_BLOCK_K, VAE_EXT_ATTN_GEMM=blas|vec.
+// Philox call covers 64 keys of a row. The forward picks them per call
+// (fwd_blocks); the backward keeps fixed ones. Tuning knobs for benchmarks:
+// VAE_EXT_ATTN_BLOCK_Q, VAE_EXT_ATTN_BLOCK_K (forward; fixed sizes instead of the
+// per-call choice), VAE_EXT_ATTN_BWD_BLOCK_Q/_K, VAE_EXT_ATTN_GEMM=blas|vec.
 struct Config {
-  int64_t fwd_block_q = 64, fwd_block_k = 128;
+  int64_t fwd_block_q = 0, fwd_block_k = 0;  // 0: chosen per call
   int64_t bwd_block_q = 64, bwd_block_k = 128;
   bool blas = true;
 };
@@ -82,6 +85,36 @@ const Config& config() {
     return c;
   }();
   return cfg;
+}
+
+// Forward tile sizes for one call (benchmarks/results/cpu-attention-tiles-20261202.md):
+// long key ranges take wide key tiles (fewer, larger BLAS calls and online-softmax
+// rescales; the causal diagonal wastes up to half a tile, so causal stops at 256),
+// and query tiles grow while every thread still gets several tasks, within a
+// per-thread working set (q, scores, accumulator) of about 1.5 MiB.
+std::pair<int64_t, int64_t> fwd_blocks(const AttentionParams& p) {
+  const Config& c = config();
+  const int64_t Sk = p.kv_len, Sq = p.q_len, D = p.head_dim;
+  int64_t bk = c.fwd_block_k;
+  if (bk == 0) {
+    bk = Sk >= 2048 ? 512 : Sk >= 768 ? 256 : 128;
+    if (p.is_causal) bk = std::min<int64_t>(bk, 256);
+  }
+  int64_t bq = c.fwd_block_q;
+  if (bq == 0) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t bh = static_cast<int64_t>(p.batch) * p.heads;
+    bq = 64;
+    for (const int64_t cand : {256, 128}) {
+      const int64_t tasks = bh * ((Sq + cand - 1) / cand);
+      const int64_t bytes = 4 * (cand * D * 2 + cand * bk);
+      if (Sq >= cand && tasks >= 4 * threads && bytes <= (int64_t{3} << 19)) {
+        bq = cand;
+        break;
+      }
+    }
+  }
+  return {bq, bk};
 }
 
 template <typename T>
@@ -355,6 +388,15 @@ struct Problem {
   uint32_t threshold = 0;
   uint64_t seed = 0, counter_lo = 0;
   bool dropout = false;
+  // Decoding with grouped-query attention (Sq = 1, G > 1): one forward task takes the G
+  // query heads of a kv head as the rows of one tile, so K and V are read once per kv head
+  // instead of G times. Only where no mask depends on the row (no attn_mask; causal only
+  // when it hides nothing: lower-right aligned with Sq = 1); dropout's row index
+  // ((b H + h) Sq + i) is then the packed row's.
+  bool pack_heads = false;  // set by the forward (forward_impl), never by the backward
+  bool can_pack_heads() const {
+    return Sq == 1 && G > 1 && p.mask_kind == MaskKind::kNone && (!p.is_causal || p.causal_offset >= Sk - 1);
+  }
 
   Problem(const AttentionParams& params, int64_t block_q, int64_t block_k) : p(params) {
     B = p.batch;
@@ -589,21 +631,24 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
                   acc_t* lse_out) {
   const AttentionParams& p = pr.p;
   const int64_t D = pr.D, bk = pr.bk;
-  const int64_t q0 = qt * pr.bq, mq = std::min(pr.bq, pr.Sq - q0);
+  // Packed heads (decoding, Problem::pack_heads): the tile's rows are the one query of
+  // heads h .. h + G - 1, which share one kv head: q rows a head stride apart.
+  const int64_t q0 = pr.pack_heads ? 0 : qt * pr.bq, mq = pr.pack_heads ? pr.G : std::min(pr.bq, pr.Sq - q0);
+  const int64_t q_rs = pr.pack_heads ? p.q_head_stride : p.q_row_stride;
   const int64_t hk = h / pr.G;
   const int64_t end = pr.key_end(b, q0, mq);
   const bool with_out = out != nullptr;
-  ws.s.resize(static_cast<size_t>(pr.bq * bk));
-  if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(pr.bq * bk));
+  ws.s.resize(static_cast<size_t>(mq * bk));
+  if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(mq * bk));
   if (!std::is_same_v<scalar_t, acc_t>) {
-    ws.q.resize(static_cast<size_t>(pr.bq * D));
+    ws.q.resize(static_cast<size_t>(mq * D));
     ws.k.resize(static_cast<size_t>(bk * D));
     ws.v.resize(static_cast<size_t>(bk * D));
   }
   const auto* qsrc = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                      q0 * p.q_row_stride;
   int64_t ldq = 0;
-  const acc_t* qt_ptr = load_rows(qsrc, p.q_row_stride, mq, D, ws.q.data(), ldq);
+  const acc_t* qt_ptr = load_rows(qsrc, q_rs, mq, D, ws.q.data(), ldq);
   const acc_t scale = static_cast<acc_t>(p.scale_f64);
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
@@ -669,22 +714,28 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
 template <typename scalar_t>
 void forward_impl(const AttentionParams& p) {
   using acc_t = acc_type_t<scalar_t>;
-  const Problem pr(p, config().fwd_block_q, config().fwd_block_k);
-  std::vector<int64_t> cost(static_cast<size_t>(pr.B * pr.H * pr.n_q_tiles));
+  const auto [block_q, block_k] = fwd_blocks(p);
+  Problem pr(p, block_q, block_k);
+  pr.pack_heads = pr.can_pack_heads();
+  // Tasks: (batch, head, query tile), or (batch, kv head) with packed heads.
+  const int64_t heads = pr.pack_heads ? pr.Hkv : pr.H, tiles = pr.pack_heads ? 1 : pr.n_q_tiles;
+  const int64_t rows = pr.pack_heads ? pr.G : pr.bq;
+  std::vector<int64_t> cost(static_cast<size_t>(pr.B * heads * tiles));
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
-    const int64_t b = t / (pr.H * pr.n_q_tiles), qt = t % pr.n_q_tiles;
+    const int64_t b = t / (heads * tiles), qt = t % tiles;
     const int64_t q0 = qt * pr.bq;
-    cost[t] = 1 + pr.key_end(b, q0, std::min(pr.bq, pr.Sq - q0));
+    cost[t] = 1 + (pr.pack_heads ? pr.key_end(b, 0, 1) : pr.key_end(b, q0, std::min(pr.bq, pr.Sq - q0)));
   }
   auto* out = static_cast<scalar_t*>(p.out);
   double flops = 0;
-  for (const int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(pr.bq * pr.D);
+  for (const int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(rows * pr.D);
   run_tasks<FwdWorkspace<acc_t>>(by_cost(cost), flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
-    const int64_t qt = t % pr.n_q_tiles, bh = t / pr.n_q_tiles;
-    const int64_t b = bh / pr.H, h = bh % pr.H;
-    const int64_t q0 = qt * pr.bq, mq = std::min(pr.bq, pr.Sq - q0);
+    const int64_t qt = t % tiles, b = t / tiles / heads, hh = t / tiles % heads;
+    const int64_t h = pr.pack_heads ? hh * pr.G : hh, bh = b * pr.H + h;
+    const int64_t q0 = pr.pack_heads ? 0 : qt * pr.bq, mq = pr.pack_heads ? pr.G : std::min(pr.bq, pr.Sq - q0);
     ws.lse.resize(static_cast<size_t>(mq));
     forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data());
+    // packed: row r is head h + r (Sq = 1), so lse and out rows are consecutive either way
     for (int64_t r = 0; r < mq; ++r) p.lse[bh * pr.Sq + q0 + r] = static_cast<float>(ws.lse[r]);
   });
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,14 +21,24 @@ def _has_kernel() -> bool:
     return _backend.extension_loaded() and hasattr(torch.ops.vae_ext, "masked_attention_forward")
 
 
+@functools.cache
+def _forward_op():
+    """The forward op's overload, looked up once (torch.ops attribute lookups cost µs per call)."""
+    return torch.ops.vae_ext.masked_attention_forward.default
+
+
 _INT32_MAX = 2**31 - 1  # the kernels' params hold B, H, Hkv, Sq, Sk, D as int32
 
 
 def _size_over_int32(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """Why the kernels cannot take these sizes (a dim past int32, naming the argument), or None."""
+    if torch.compiler.is_compiling():
+        return None  # symbolic sizes: the kernels' own check runs on the real ones
+    if max(q.shape) <= _INT32_MAX and max(k.shape) <= _INT32_MAX:
+        return None  # the usual case, without a loop per dim
     for name, t, dims in (("q", q, ("B", "H", "Sq", "D")), ("k", k, ("B", "Hkv", "Sk", "D"))):
         for dim, size in zip(dims, t.shape):
-            if is_concrete(size) and size > _INT32_MAX:
+            if size > _INT32_MAX:
                 return (f"{name} has {dim} = {size}, past the kernels' int32 limit of {_INT32_MAX} "
                         f"(the reference handles it)")
     return None
@@ -44,11 +55,18 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_
              size_limit: str | None = None) -> tuple[bool, str]:
     """Whether the compiled kernels handle this input, and why not (size_limit: a reason
     from _size_over_int32)."""
+    if size_limit is not None:
+        ok, reason = _backend.device_supported(device)
+        return (False, size_limit) if ok else (ok, reason)
+    return _supports(device, dtype, int(head_dim), bool(attn_mask_grad))
+
+
+@functools.lru_cache(maxsize=256)
+def _supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool) -> tuple[bool, str]:
+    # Cached: it runs on every call, and its answer depends on the build only.
     ok, reason = _backend.device_supported(device)
     if not ok:
         return ok, reason
-    if size_limit is not None:
-        return False, size_limit
     if not _has_kernel():
         return False, "this build has no masked_attention kernels"
     if head_dim < 1:
@@ -126,7 +144,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if k.dtype != q.dtype or v.dtype != q.dtype:
         bad = "k" if k.dtype != q.dtype else "v"
         raise TypeError(f"{OP}: {bad} dtype {(k if bad == 'k' else v).dtype} differs from q dtype {q.dtype}")
-    check_same_device(OP, {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask})
+    if attn_mask is not None or key_padding_mask is not None or not (q.device == k.device == v.device):
+        check_same_device(OP, {"q": q, "k": k, "v": v, "attn_mask": attn_mask,
+                               "key_padding_mask": key_padding_mask})
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[0] != b:
@@ -175,7 +195,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(torch.float32)
     seed64 = None if seed is None else seed_to_int64(seed)
-    out, _lse, _rng = torch.ops.vae_ext.masked_attention_forward(
+    out, _lse, _rng = _forward_op()(
         q, k, v, attn_mask, key_padding_mask, is_causal, as_float(scale), as_float(dropout_p), seed64, generator,
         is_causal and causal_alignment == "lower_right")
     return out
