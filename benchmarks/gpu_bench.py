@@ -169,6 +169,43 @@ def attention(res, dtype, deadline):
                 torch.cuda.empty_cache()
 
 
+def attention_sd_vae(res, deadline):
+    """The SD VAE mid-block's attention, forward only (what decoding runs): one head of 512 channels,
+    S = 64² and 128² latent pixels, bf16; fused (FFMA kernel: no tensor-core kernel has D = 512) vs
+    every SDPA backend that takes it."""
+    import vae_ext
+    from torch.nn.attention import sdpa_kernel
+
+    for s in (4096, 16384):
+        if time.monotonic() > deadline:
+            print("attention (SD VAE): out of time", flush=True)
+            return
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 1, s, 512, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        case = f"SD VAE mid-block B1 H1 S{s} D512 bf16"
+        impls = {"fused": lambda: vae_ext.masked_attention(q, k, v)}
+        for name, backend in _sdpa_backends().items():
+            def sd(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            impls[f"sdpa-{name}"] = sd
+        best = None
+        for impl, fn in impls.items():
+            try:
+                with torch.no_grad():
+                    ms = time_ms(fn)
+            except Exception as e:
+                print(f"{impl} {case}: not run ({type(e).__name__}: {str(e)[:120]})", flush=True)
+                continue
+            res.add("attention", case, impl, "fwd", ms, flops=4 * s * s * 512)
+            if impl.startswith("sdpa-") and (best is None or ms < best[1]):
+                best = (impl, ms)
+        if best is not None:
+            res.add("attention", case + f" [{best[0][5:]}]", "sdpa", "fwd", best[1], flops=4 * s * s * 512)
+        q = k = v = None
+        torch.cuda.empty_cache()
+
+
 def elementwise(res, deadline, which):
     import vae_ext
     from vae_ext import reference
@@ -248,6 +285,7 @@ def main():
     deadline = time.monotonic() + a.budget
     res = Results(a.results)
     ceilings(res)
+    attention_sd_vae(res, deadline - 0.85 * a.budget)
     attention(res, torch.bfloat16, deadline - 0.45 * a.budget)
     elementwise(res, deadline - 0.3 * a.budget, which=("fused", "reference"))
     attention(res, torch.float16, deadline - 0.2 * a.budget)

@@ -65,6 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const int d : vae_ext::attn::kTensorCoreHeadDims) tc_dims.append(d);
     info["attention_cuda_tensor_core_head_dims"] = tc_dims;
     info["attention_cuda_max_head_dim"] = vae_ext::attn::kMaxSimtHeadDim;
+    info["attention_cuda_max_backward_head_dim"] = vae_ext::attn::kMaxSimtBackwardHeadDim;
 #endif
     info["cpu_capabilities"] = vae_ext::built_cpu_capabilities();
     info["cpu_capability"] = std::string(vae_ext::cpu_capability_name(vae_ext::cpu_capability()));

@@ -292,3 +292,16 @@ def test_tc_larger_everything_at_once(emu, deterministic):
     # Several query tiles, key tiles and key blocks at D = 128 with every feature on.
     run_case(emu, b=2, h=4, hkv=2, d=128, sq=260, sk=300, causal=True, padding="holes", p=0.1, seed=3,
              deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 512), (torch.float32, 512), (torch.float16, 300)])
+def test_simt_forward_head_dims_up_to_512(emu, dtype, d):
+    # The SD VAE mid-block: one head of 512 channels (forward only; its backward runs the reference).
+    run_case(emu, dtype=dtype, d=d, sq=20, sk=45, causal=d == 300, padding=True, backward=False)
+
+
+def test_simt_backward_refuses_head_dims_past_256(emu):
+    q = torch.randn(1, 1, 8, 300)
+    out, lse, rng = emu.attention_forward(q, q, q, None, None, False, 0.05, 0.0, 0, 0, False, True, 0, False)
+    with pytest.raises(Exception, match="head dim 300 > 256 has no CUDA kernel"):
+        emu.attention_backward(q, q, q, q, out, lse, rng, None, None, False, 0.05, 0.0, False, True, 0, False)

@@ -104,15 +104,18 @@ def test_missing_extension_falls_back_with_one_warning():
 
 
 @requires_ext
-def test_cuda_head_dim_limits_come_from_the_build(monkeypatch):
+def test_cuda_head_dim_limits_come_from_the_build(monkeypatch, request):
     from vae_ext.ops import attention as attention_ops
 
     info = _backend.build_info()
     if info.get("cuda"):  # csrc/attention/attention.h, as build_info reports it
         assert list(info["attention_cuda_tensor_core_head_dims"]) == [32, 64, 96, 128]
-        assert info["attention_cuda_max_head_dim"] == 256
+        assert info["attention_cuda_max_head_dim"] == 512
+        assert info["attention_cuda_max_backward_head_dim"] == 256
     else:
         assert "attention_cuda_max_head_dim" not in info
+    attention_ops._supports.cache_clear()
+    request.addfinalizer(attention_ops._supports.cache_clear)  # its answers are cached per build; this test changes the build
     monkeypatch.setattr(_backend, "device_supported", lambda device: (True, "pretend CUDA"))
     cuda = torch.device("cuda")
     monkeypatch.setattr(_backend, "build_info", lambda: {"attention_cuda_tensor_core_head_dims": [32, 64, 96, 128],
@@ -121,10 +124,20 @@ def test_cuda_head_dim_limits_come_from_the_build(monkeypatch):
                                                                       "padded to 96)")
     assert attention_ops.supports(cuda, torch.bfloat16, 200)[1].endswith("FFMA kernels (float32 arithmetic)")
     assert not attention_ops.supports(cuda, torch.float32, 512)[0]
+    attention_ops._supports.cache_clear()
+    monkeypatch.setattr(_backend, "build_info", lambda: {"attention_cuda_tensor_core_head_dims": [32, 64, 96, 128],
+                                                         "attention_cuda_max_head_dim": 512,
+                                                         "attention_cuda_max_backward_head_dim": 256})
+    assert attention_ops.supports(cuda, torch.bfloat16, 512)[0]  # the SD VAE mid-block, forward only
+    ok, why = attention_ops.supports(cuda, torch.bfloat16, 512, needs_grad=True)
+    assert not ok and "no CUDA backward kernel" in why
+    assert attention_ops.supports(cuda, torch.float32, 256, needs_grad=True)[0]
     # a build that reports other limits changes the answer: supports() restates none of them
+    attention_ops._supports.cache_clear()
     monkeypatch.setattr(_backend, "build_info", lambda: {"attention_cuda_tensor_core_head_dims": [64],
                                                          "attention_cuda_max_head_dim": 512})
     assert attention_ops.supports(cuda, torch.bfloat16, 80)[1].endswith("FFMA kernels (float32 arithmetic)")
     assert attention_ops.supports(cuda, torch.float32, 512)[0]
+    attention_ops._supports.cache_clear()
     monkeypatch.setattr(_backend, "build_info", lambda: {})  # a CPU-only build
     assert not attention_ops.supports(cuda, torch.bfloat16, 64)[0]

@@ -100,7 +100,8 @@ def _fused_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
             return False, None
         # Up to 4-D the kernels broadcast the mask themselves; more leading dims fold into the batch.
         mask = expanded.reshape((-1,) + tuple(full[-3:])) if len(full) > 4 else attn_mask
-    ok, reason = _attention.supports(query.device, query.dtype, query.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ok, reason = _attention.supports(query.device, query.dtype, query.shape[-1], needs_grad=needs_grad)
     if not ok or not _backend.use_extension(_attention.OP, ok, reason):
         return False, None
     return True, mask

@@ -118,11 +118,14 @@ size_t attention_backward_cuda_workspace_bytes(const AttentionBackwardParams& p)
 
 // The head dims of the CUDA kernels (build_info reports them; vae_ext/ops/attention.py reads them from
 // there): tensor cores (bf16/fp16) compiled at kTensorCoreHeadDims, every other D <= 128 running the next
-// one up; FFMA kernels for float32, and for 16-bit D in (128, 256].
+// one up; FFMA kernels for float32, and for 16-bit D in (128, 512]: the forward up to
+// kMaxSimtHeadDim (the SD VAE's one head of 512 channels), the backward up to
+// kMaxSimtBackwardHeadDim (its shared-memory tiles at D = 512 would pass sm_80's limit).
 namespace attn {
 constexpr int kTensorCoreHeadDims[] = {32, 64, 96, 128};
 constexpr int kMaxTensorCoreHeadDim = 128;
-constexpr int kMaxSimtHeadDim = 256;
+constexpr int kMaxSimtHeadDim = 512;
+constexpr int kMaxSimtBackwardHeadDim = 256;
 inline int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
 }  // namespace attn
 

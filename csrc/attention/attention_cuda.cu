@@ -43,14 +43,15 @@ bool tensor_core_path(const AttentionParams& p) {
          tc_smem_bytes(padded_head_dim(p.head_dim)) <= device_smem_optin();
 }
 
-void check_supported(const AttentionParams& p, const char* what) {
+void check_supported(const AttentionParams& p, const char* what, bool backward) {
   if (p.dtype == DType::kFloat64) {
     throw std::invalid_argument(std::string("vae_ext: ") + what + ": float64 has no CUDA kernel (the Python API "
                                 "runs the reference for it)");
   }
-  if (p.head_dim > kMaxSimtHeadDim) {
+  const int max_dim = backward ? kMaxSimtBackwardHeadDim : kMaxSimtHeadDim;
+  if (p.head_dim > max_dim) {
     throw std::invalid_argument(std::string("vae_ext: ") + what + ": head dim " + std::to_string(p.head_dim) +
-                                " > " + std::to_string(kMaxSimtHeadDim) + " has no CUDA kernel");
+                                " > " + std::to_string(max_dim) + " has no CUDA kernel");
   }
   // Query (and, SIMT, key) tiles index gridDim.y (<= 65535).
   const int64_t rows_per_block = tensor_core_path(p) ? 128 : 16;
@@ -171,7 +172,7 @@ void run_preprocess(const AttentionBackwardParams& bp, const BwdWorkspace& ws, c
 
 void attention_forward_cuda(const AttentionParams& p, CUstream_st* stream) {
   using namespace attn;
-  check_supported(p, "attention forward");
+  check_supported(p, "attention forward", false);
   if (static_cast<int64_t>(p.batch) * p.heads * p.q_len == 0) return;
   if (tensor_core_path(p)) {
     dispatch_16bit(p.dtype, [&](auto tag) {
@@ -192,7 +193,7 @@ size_t attention_backward_cuda_workspace_bytes(const AttentionBackwardParams& p)
 void attention_backward_cuda(const AttentionBackwardParams& bp, CUstream_st* stream) {
   using namespace attn;
   const AttentionParams& p = bp.fwd;
-  check_supported(p, "attention backward");
+  check_supported(p, "attention backward", true);
   if (static_cast<int64_t>(p.batch) * p.heads * p.q_len == 0) return;
   if (p.kv_len == 0) {  // no key: every row is empty, dq = 0 (dk, dv are empty)
     const size_t bytes = static_cast<size_t>(p.batch) * p.heads * p.q_len * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);

@@ -21,7 +21,9 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 4;                     // rows per warp
 constexpr int kBlockRows = kWarps * kRows;   // rows per block
 constexpr int kTile = 32;                    // columns per tile (one per lane)
-constexpr int kMaxChunks = kMaxSimtHeadDim / 32;
+constexpr int kMaxChunks = kMaxSimtBackwardHeadDim / 32;  // backward: head-dim chunks of 32 per lane
+// Forward: lane l owns the head-dim columns l + 32 c, c < Chunks; Chunks = 8 (D <= 256) or
+// 16 (D <= 512), so the common head dims do not pay the registers of D = 512.
 
 // Copies rows [0, kR) x [0, d) of a strided global matrix into float shared rows of stride `ld_s`.
 template <typename T>
@@ -35,7 +37,7 @@ __device__ __forceinline__ void load_rows(float* smem, int ld_s, const void* gme
 
 // ------------------------------------------------------------------ forward
 
-template <typename T>
+template <typename T, int Chunks>
 __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttentionParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
@@ -59,13 +61,13 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
   const DropoutCtx drop = make_dropout_ctx(p, b, h);
   const float scale_log2 = p.scale * kLog2e;
 
-  float o[kRows][kMaxChunks], row_max[kRows], row_sum[kRows];
+  float o[kRows][Chunks], row_max[kRows], row_sum[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     row_max[r] = -INFINITY;
     row_sum[r] = 0.f;
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) o[r][c] = 0.f;
+    for (int c = 0; c < Chunks; ++c) o[r][c] = 0.f;
   }
   const float* q_rows_s = sQ + warp * kRows * d;
   float* p_s = sP + warp * kRows * kTile;
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
       if (drop.enabled) pd = drop.keep(word_of(drop.block(i, j / 4), j % 4)) ? pr * drop.inv_keep : 0.f;
       p_s[r * kTile + lane] = pd;
 #pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) o[r][c] *= alpha;
+      for (int c = 0; c < Chunks; ++c) o[r][c] *= alpha;
     }
     __syncwarp();
     const int keys = min(kTile, n_end - n0);
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
 #pragma unroll
       for (int r = 0; r < kRows; ++r) pw[r] = p_s[r * kTile + jj];
 #pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
+      for (int c = 0; c < Chunks; ++c) {
         const int col = c * 32 + lane;
         if (col < d) {
           const float vv = IO<T>::load(p.v, vrow + col);
@@ -133,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
     const float inv = empty ? 0.f : 1.f / sum;
     const int64_t row = out_row0 + rl;
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
+    for (int c = 0; c < Chunks; ++c) {
       const int col = c * 32 + lane;
       if (col < d) IO<T>::store(p.out, row * d + col, o[r][c] * inv);
     }
@@ -396,7 +398,8 @@ void run_fwd_simt(const AttentionParams& p, cudaStream_t stream) {
   const int d = p.head_dim;
   const size_t smem = (static_cast<size_t>(kBlockRows) * d + static_cast<size_t>(kTile) * (d + 1) +
                        kWarps * kRows * kTile) * sizeof(float);
-  auto kernel = attn_fwd_simt_kernel<T>;
+  auto kernel = d <= kMaxSimtBackwardHeadDim ? attn_fwd_simt_kernel<T, kMaxSimtBackwardHeadDim / 32>
+                                             : attn_fwd_simt_kernel<T, kMaxSimtHeadDim / 32>;
   check_cuda(set_max_dynamic_smem(kernel, smem), "attention forward (SIMT): shared memory size");
   const dim3 grid(p.batch * p.heads, (p.q_len + kBlockRows - 1) / kBlockRows);
   launch(kernel, grid, dim3(kThreads), smem, stream, p);

@@ -44,25 +44,29 @@ def _size_over_int32(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def _cuda_head_dims() -> tuple[tuple[int, ...], int]:
+def _cuda_head_dims() -> tuple[tuple[int, ...], int, int]:
     """The CUDA kernels' head dims as the build reports them (csrc/attention/attention.h): the compiled
-    tensor-core head dims, and the largest head dim of any CUDA kernel (0: no CUDA kernels)."""
+    tensor-core head dims, the largest head dim of any CUDA forward kernel and of the backward (0: no
+    CUDA kernels)."""
     info = _backend.build_info()
-    return tuple(info.get("attention_cuda_tensor_core_head_dims", ())), int(info.get("attention_cuda_max_head_dim", 0))
+    max_fwd = int(info.get("attention_cuda_max_head_dim", 0))
+    return (tuple(info.get("attention_cuda_tensor_core_head_dims", ())), max_fwd,
+            int(info.get("attention_cuda_max_backward_head_dim", max_fwd)))
 
 
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool = False,
-             size_limit: str | None = None) -> tuple[bool, str]:
+             size_limit: str | None = None, needs_grad: bool = False) -> tuple[bool, str]:
     """Whether the compiled kernels handle this input, and why not (size_limit: a reason
-    from _size_over_int32)."""
+    from _size_over_int32; needs_grad: the backward will run too)."""
     if size_limit is not None:
         ok, reason = _backend.device_supported(device)
         return (False, size_limit) if ok else (ok, reason)
-    return _supports(device, dtype, int(head_dim), bool(attn_mask_grad))
+    return _supports(device, dtype, int(head_dim), bool(attn_mask_grad), bool(needs_grad))
 
 
 @functools.lru_cache(maxsize=256)
-def _supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool) -> tuple[bool, str]:
+def _supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask_grad: bool,
+              needs_grad: bool) -> tuple[bool, str]:
     # Cached: it runs on every call, and its answer depends on the build only.
     ok, reason = _backend.device_supported(device)
     if not ok:
@@ -80,9 +84,12 @@ def _supports(device: torch.device, dtype: torch.dtype, head_dim: int, attn_mask
         # FFMA kernels for float32 and the larger 16-bit head dims: the limits the build reports.
         if dtype == torch.float64:
             return False, "float64 has no CUDA kernel (the reference runs)"
-        tc_dims, max_dim = _cuda_head_dims()
+        tc_dims, max_dim, max_bwd = _cuda_head_dims()
         if head_dim > max_dim:
             return False, f"head dim {head_dim} > {max_dim} has no CUDA kernel (the reference runs)"
+        if needs_grad and head_dim > max_bwd:
+            return False, (f"head dim {head_dim} > {max_bwd} has no CUDA backward kernel (the reference runs "
+                           f"while gradients are needed; the forward alone runs fused)")
         if dtype in (torch.bfloat16, torch.float16) and tc_dims and head_dim <= tc_dims[-1]:
             padded = next(c for c in tc_dims if head_dim <= c)
             return True, f"{reason}: tensor-core kernels (head dim padded to {padded})"
@@ -188,7 +195,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     check_seed(OP, seed)
 
     mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-    ok, reason = supports(q.device, q.dtype, d, mask_grad, _size_over_int32(q, k))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ok, reason = supports(q.device, q.dtype, d, mask_grad, _size_over_int32(q, k), needs_grad)
     if not _backend.use_extension(OP, ok, reason):
         return reference.masked_attention(q, k, v, attn_mask, key_padding_mask, is_causal, as_float(scale),
                                           as_float(dropout_p), generator, seed, causal_alignment)
