@@ -82,32 +82,3 @@ class ELBOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"likelihood={self.likelihood!r}, beta={self.beta}, reduction={self.reduction!r}, "
                 f"free_bits={self.free_bits}")
-
-
-class Reparameterize(nn.Module):
-    r"""z = mu + ε·exp(½·logvar), ε ~ N(0, I) drawn inside the fused kernel (``vae_ext.reparameterize``).
-
-    Args:
-        num_samples: K samples per element; K > 1 returns (K, *mu.shape).
-        sample_in_eval: if False, eval mode returns mu (the posterior mode) instead of a sample.
-
-    Forward ``(mu, logvar, eps=None, generator=None, seed=None)`` as ``vae_ext.reparameterize``.
-    """
-
-    def __init__(self, num_samples: int = 1, sample_in_eval: bool = True) -> None:
-        super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"Reparameterize: num_samples must be an int >= 1, got {num_samples!r}")
-        self.num_samples, self.sample_in_eval = num_samples, sample_in_eval
-
-    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
-        if not self.training and not self.sample_in_eval:
-            shape = torch.broadcast_shapes(mu.shape, logvar.shape)
-            mode = mu.expand(shape)
-            return mode if self.num_samples == 1 else mode.expand(self.num_samples, *shape)
-        return vae_ext.reparameterize(mu, logvar, eps=eps, generator=generator, num_samples=self.num_samples,
-                                      seed=seed)
-
-    def extra_repr(self) -> str:
-        return f"num_samples={self.num_samples}, sample_in_eval={self.sample_in_eval}"
