@@ -1,10 +1,11 @@
-"""masked_attention at the shapes real models run, forward only under torch.inference_mode(), against
-F.scaled_dot_product_attention (issue 15's families): ViT, BERT with key padding, the SD VAE mid-block
-(one head of 512), SD UNet self- and cross-attention, LLM prefill (causal, GQA) and decode (Sq = 1).
+"""masked_attention at the shapes real models run (vae_ext/bench_shapes.py: ViT, BERT with key padding,
+the SD VAE mid-block, SD UNet self- and cross-attention, LLM prefill and decode) against
+F.scaled_dot_product_attention: forward under torch.inference_mode(), and forward+backward at the
+training shapes.
 
 pytest-benchmark:  pytest benchmarks/test_bench_attention_models.py --benchmark-only
 One process, the two implementations alternating call by call (steadier ratios on a shared machine):
-    python benchmarks/test_bench_attention_models.py [--dtypes float32 bfloat16] [--reps 15]
+    python benchmarks/test_bench_attention_models.py [--dtypes float32 bfloat16] [--reps 15] [--backward]
 """
 
 from __future__ import annotations
@@ -15,90 +16,79 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import vae_ext
+from vae_ext.bench_shapes import MODEL_SHAPES, calls, make_inputs
 
-# (family, B, H, Hkv, Sq, Sk, D, mask): mask None | "causal" | "padding" (lengths in [Sk/2, Sk])
-SHAPES = [
-    ("ViT-S/16", 8, 6, 6, 197, 197, 64, None),
-    ("ViT-B/16 384px", 4, 12, 12, 577, 577, 64, None),
-    ("BERT-base padded", 8, 12, 12, 128, 128, 64, "padding"),
-    ("BERT-base padded S512", 4, 12, 12, 512, 512, 64, "padding"),
-    ("SD VAE mid-block 64x64", 1, 1, 1, 4096, 4096, 512, None),
-    ("SD UNet self-attn", 2, 8, 8, 4096, 4096, 40, None),
-    ("SD UNet cross-attn", 2, 8, 8, 4096, 77, 40, None),
-    ("LLM prefill GQA", 1, 32, 8, 1024, 1024, 128, "causal"),
-    ("LLM decode GQA", 1, 32, 8, 1, 1024, 128, None),
-]
+# fwd+bwd: the shapes models are trained at (the SD VAE and UNet self-attention are inference shapes
+# here, and take seconds per step on a 2-core CPU)
+TRAINING = [s for s in MODEL_SHAPES if s.sq > 1 and s.family not in ("SD VAE mid-block 64x64", "SD UNet self-attn")]
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-def make_inputs(b, h, hkv, sq, sk, d, mask, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, sq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
-    kpm = None
-    if mask == "padding":
-        lengths = torch.randint(sk // 2, sk + 1, (b,), generator=g)
-        kpm = torch.arange(sk)[None, :] >= lengths[:, None]
-    return q, k, v, kpm
-
-
-def calls(q, k, v, kpm, mask):
-    causal = mask == "causal"
-    gqa = q.shape[1] != k.shape[1]
-    sdpa_mask = None if kpm is None else ~kpm[:, None, None, :]
-
-    def fused():
-        return vae_ext.masked_attention(q, k, v, key_padding_mask=kpm, is_causal=causal)
-
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal, enable_gqa=gqa)
-    return {"fused": fused, "sdpa": sdpa}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("impl", ["fused", "sdpa"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_attention_model_shapes_forward(benchmark, shape, impl, dtype):
-    family, b, h, hkv, sq, sk, d, mask = shape
-    q, k, v, kpm = make_inputs(b, h, hkv, sq, sk, d, mask, dtype)
-    fn = calls(q, k, v, kpm, mask)[impl]
+def _forward(shape, impl, dtype):
+    q, k, v, kpm = make_inputs(shape, dtype)
+    fn = calls(shape, kpm)[impl]
 
     def run():
         with torch.inference_mode():
-            return fn()
+            return fn(q, k, v)
+    return run
+
+
+def _training(shape, impl, dtype):
+    q, k, v, kpm = make_inputs(shape, dtype)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    fn = calls(shape, kpm)[impl]
+    return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("impl", ["fused", "sdpa"])
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=[s.family for s in MODEL_SHAPES])
+def test_attention_model_shapes_forward(benchmark, shape, impl, dtype):
+    run = _forward(shape, impl, dtype)
     run()
-    benchmark.group = f"attention inference | {family} B{b} H{h}/{hkv} Sq{sq} Sk{sk} D{d} | {dtype}"
-    benchmark.extra_info.update(op="attention", case=family, impl=impl, **{"pass": "fwd"}, device="cpu")
+    benchmark.group = f"attention inference | {shape.family} {shape.label()} | {dtype}"
+    benchmark.extra_info.update(op="attention", case=shape.family, impl=impl, **{"pass": "fwd"}, device="cpu")
     benchmark(run)
 
 
-def alternating(dtypes, reps):
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms of {reps} alternating calls")
-    print(f"| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
-    for family, b, h, hkv, sq, sk, d, mask in SHAPES:
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("impl", ["fused", "sdpa"])
+@pytest.mark.parametrize("shape", TRAINING, ids=[s.family for s in TRAINING])
+def test_attention_model_shapes_forward_backward(benchmark, shape, impl, dtype):
+    run = _training(shape, impl, dtype)
+    run()
+    benchmark.group = f"attention training | {shape.family} {shape.label()} | {dtype}"
+    benchmark.extra_info.update(op="attention", case=shape.family, impl=impl, **{"pass": "fwd+bwd"}, device="cpu")
+    benchmark(run)
+
+
+def alternating(dtypes, reps, backward):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms of {reps} alternating calls"
+          f" ({'forward+backward' if backward else 'forward, inference mode'})")
+    print("| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
+    for shape in (TRAINING if backward else MODEL_SHAPES):
         for dtype in dtypes:
-            q, k, v, kpm = make_inputs(b, h, hkv, sq, sk, d, mask, dtype)
-            fns = calls(q, k, v, kpm, mask)
+            fns = {impl: (_training if backward else _forward)(shape, impl, dtype) for impl in ("fused", "sdpa")}
             times = {name: [] for name in fns}
-            with torch.inference_mode():
-                for fn in fns.values():
+            for fn in fns.values():
+                fn()
+            for _ in range(reps):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
                     fn()
-                for _ in range(reps):
-                    for name, fn in fns.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        times[name].append((time.perf_counter() - t0) * 1e3)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
             f, s = statistics.median(times["fused"]), statistics.median(times["sdpa"])
-            shape = f"B{b} H{h}/{hkv} Sq{sq} Sk{sk} D{d}{' ' + mask if mask else ''}"
-            print(f"| {family} | {shape} | {str(dtype)[6:]} | {f:.3f} | {s:.3f} | {s / f:.2f}x |", flush=True)
+            print(f"| {shape.family} | {shape.label()} | {str(dtype)[6:]} | {f:.3f} | {s:.3f} | {s / f:.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--backward", action="store_true", help="forward+backward at the training shapes")
     a = ap.parse_args()
-    alternating([getattr(torch, d) for d in a.dtypes], a.reps)
+    alternating([getattr(torch, d) for d in a.dtypes], a.reps, a.backward)

@@ -297,6 +297,25 @@ def test_bench_quick_writes_table_json_png(tmp_path, capsys):
     _check_png(tmp_path / "bench.png")
 
 
+def test_bench_attention_models_quick(tmp_path, capsys):
+    """`vae-ext bench --ops attention_models`: the real-model families, fused vs SDPA, forward (and
+    forward+backward at the training shapes); --quick keeps the small ones, in bfloat16."""
+    from vae_ext import bench_shapes
+
+    rc = main(["bench", "--quick", "--device", "cpu", "--ops", "attention_models", "--out", str(tmp_path),
+               "--min-time", "0.01"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert {r["op"] for r in rows} == {"attention_models"}
+    quick = [s for s in bench_shapes.MODEL_SHAPES if s.family not in bench_shapes.SLOW_ON_CPU]
+    for shape in quick:
+        mine = [r for r in rows if r["case"].startswith(shape.family + " ")]
+        assert {(r["impl"], r["pass"]) for r in mine} >= {("fused", "fwd"), ("sdpa", "fwd")}, shape.family
+        assert ("fused", "fwd+bwd") in {(r["impl"], r["pass"]) for r in mine} or shape.sq == 1
+        assert all(r["tflops"] > 0 for r in mine)
+    assert not any(r["case"].startswith(f) for r in rows for f in bench_shapes.SLOW_ON_CPU)
+
+
 def test_info_text_and_json(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out

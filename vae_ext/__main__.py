@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--ops", default="attention,reparameterize,elbo",
                    help="comma-separated subset of attention, reparameterize, elbo, sd_vae (the SD VAE "
-                        "decode vs diffusers; not in the default set: slow on a CPU)")
+                        "decode vs diffusers), attention_models (the attention of ViT, BERT, the SD VAE and "
+                        "UNet, LLM prefill and decode, fused vs SDPA); the last two are not in the default "
+                        "set: slow on a CPU")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for bench.json and bench.png")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timing per case")
     p.set_defaults(func=_cmd_bench)

@@ -29,7 +29,7 @@ import torch
 import vae_ext
 from vae_ext import _report, reference
 
-OPS = ("attention", "reparameterize", "elbo", "sd_vae")
+OPS = ("attention", "reparameterize", "elbo", "sd_vae", "attention_models")
 
 
 @dataclass
@@ -209,6 +209,37 @@ def _sd_vae_cases(device, quick) -> list[Case]:
                  passes=("fwd",))]
 
 
+def _attention_model_cases(device, quick) -> list[Case]:
+    """vae_ext.bench_shapes: the attention of real models, fused vs SDPA, float32 and bfloat16, forward
+    (inference mode) and forward+backward (the training shapes). --quick keeps the small families."""
+    from vae_ext import bench_shapes
+
+    cases = []
+    for shape in bench_shapes.MODEL_SHAPES:
+        if quick and shape.family in bench_shapes.SLOW_ON_CPU:
+            continue
+        for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
+            q, k, v, kpm = bench_shapes.make_inputs(shape, dtype, device)
+            grad = torch.randn_like(q)
+            fns = bench_shapes.calls(shape, kpm)
+            impls = {name: (lambda fn=fn: fn) for name, fn in fns.items()}
+
+            def make(fn, backward, q=q, k=k, v=v, grad=grad):
+                if not backward:
+                    def run():
+                        with torch.inference_mode():
+                            return fn(q, k, v)
+                    return run
+                qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+                return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
+
+            training = shape.sq > 1 and shape.family not in ("SD VAE mid-block 64x64", "SD UNet self-attn")
+            cases.append(Case("attention_models", f"{shape.family} {shape.label()} {str(dtype)[6:]}",
+                              {"make": make, **impls}, flops_fwd=bench_shapes.flops(shape),
+                              passes=("fwd", "fwd+bwd") if training else ("fwd",)))
+    return cases
+
+
 def _with_reference(fn, *args):
     with vae_ext.use_backend("reference"):
         return fn(*args)
@@ -248,6 +279,8 @@ def run(device: torch.device, quick: bool = False, ops=OPS, min_time: float | No
         cases += _elbo_cases(device, sizes, quick)
     if "sd_vae" in ops:
         cases += _sd_vae_cases(device, quick)
+    if "attention_models" in ops:
+        cases += _attention_model_cases(device, quick)
     rows, notes = _ceilings(device, quick, min_time), []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for case in cases:

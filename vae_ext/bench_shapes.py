@@ -1,0 +1,75 @@
+"""The attention shapes real models run (issue 15's families), shared by `vae-ext bench --ops
+attention_models` and benchmarks/test_bench_attention_models.py: ViT, BERT with key padding, the SD VAE
+mid-block (one head of 512 channels), SD UNet self- and cross-attention, LLM prefill (causal, GQA) and
+decode (Sq = 1, GQA). Each is timed fused against F.scaled_dot_product_attention on the same inputs."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Shape(NamedTuple):
+    family: str
+    b: int
+    h: int
+    hkv: int
+    sq: int
+    sk: int
+    d: int
+    mask: str | None  # None | "causal" | "padding" (key lengths uniform in [Sk/2, Sk])
+
+    def label(self) -> str:
+        return (f"B{self.b} H{self.h}/{self.hkv} Sq{self.sq} Sk{self.sk} D{self.d}"
+                + (f" {self.mask}" if self.mask else ""))
+
+
+MODEL_SHAPES = [
+    Shape("ViT-S/16", 8, 6, 6, 197, 197, 64, None),
+    Shape("ViT-B/16 384px", 4, 12, 12, 577, 577, 64, None),
+    Shape("BERT-base padded", 8, 12, 12, 128, 128, 64, "padding"),
+    Shape("BERT-base padded S512", 4, 12, 12, 512, 512, 64, "padding"),
+    Shape("SD VAE mid-block 64x64", 1, 1, 1, 4096, 4096, 512, None),
+    Shape("SD UNet self-attn", 2, 8, 8, 4096, 4096, 40, None),
+    Shape("SD UNet cross-attn", 2, 8, 8, 4096, 77, 40, None),
+    Shape("LLM prefill GQA", 1, 32, 8, 1024, 1024, 128, "causal"),
+    Shape("LLM decode GQA", 1, 32, 8, 1, 1024, 128, None),
+]
+# The families whose fwd+bwd a CPU takes seconds for: `vae-ext bench --quick` leaves them out.
+SLOW_ON_CPU = ("SD VAE mid-block 64x64", "SD UNet self-attn", "ViT-B/16 384px", "LLM prefill GQA")
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device="cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape.b, shape.h, shape.sq, shape.d, generator=g).to(device, dtype)
+    k = torch.randn(shape.b, shape.hkv, shape.sk, shape.d, generator=g).to(device, dtype)
+    v = torch.randn(shape.b, shape.hkv, shape.sk, shape.d, generator=g).to(device, dtype)
+    kpm = None
+    if shape.mask == "padding":
+        lengths = torch.randint(shape.sk // 2, shape.sk + 1, (shape.b,), generator=g)
+        kpm = (torch.arange(shape.sk)[None, :] >= lengths[:, None]).to(device)
+    return q, k, v, kpm
+
+
+def calls(shape: Shape, kpm):
+    """{'fused': f, 'sdpa': f}, each f(q, k, v) -> out, with the shape's mask."""
+    import vae_ext
+
+    causal = shape.mask == "causal"
+    gqa = shape.h != shape.hkv
+    sdpa_mask = None if kpm is None else ~kpm[:, None, None, :]
+
+    def fused(q, k, v):
+        return vae_ext.masked_attention(q, k, v, key_padding_mask=kpm, is_causal=causal)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal, enable_gqa=gqa)
+    return {"fused": fused, "sdpa": sdpa}
+
+
+def flops(shape: Shape) -> float:
+    """Forward flops (4·B·H·Sq·Sk·D, halved when causal)."""
+    f = 4.0 * shape.b * shape.h * shape.sq * shape.sk * shape.d
+    return f / 2 if shape.mask == "causal" else f
