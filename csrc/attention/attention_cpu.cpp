@@ -38,7 +38,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/attention_math.h"
+#include "attention/attention_math.h"
 #include "common/cpu_utils.h"
 #include "common/philox_cpu.h"
 

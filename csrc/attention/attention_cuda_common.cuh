@@ -14,7 +14,7 @@
 
 #include "attention/attention.h"
 #include "attention/attention_cuda.h"
-#include "common/attention_math.h"
+#include "attention/attention_math.h"
 #include "common/cuda_launch.cuh"
 #include "common/cuda_primitives.cuh"
 #include "common/philox.h"
@@ -216,7 +216,7 @@ struct DropoutCtx {
   uint64_t seed, counter_lo, row_base;
   int64_t kv_len;
 
-  // The block holding keys 4 group .. 4 group + 3 of query row i (common/attention_math.h).
+  // The block holding keys 4 group .. 4 group + 3 of query row i (attention/attention_math.h).
   VAE_DEV Philox4 block(int i, int group) const {
     return philox4x32_10(seed, counter_lo,
                          attention_dropout_group(static_cast<int64_t>(row_base + static_cast<uint64_t>(i)), kv_len,

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "common/attention_math.h"
+#include "attention/attention_math.h"
 #include "common/torch_utils.h"
 
 namespace vae_ext::attention_glue {

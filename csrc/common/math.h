@@ -40,10 +40,4 @@ VAE_HD void sincos_2pi_(double u, double* s, double* c) {
 }
 #endif
 
-// z = mu + eps * exp(0.5 * logvar): the reparameterization trick.
-template <typename acc_t>
-VAE_HD acc_t reparameterize_sample(acc_t mu, acc_t logvar, acc_t eps) {
-  return mu + eps * exp_(acc_t(0.5) * logvar);
-}
-
 }  // namespace vae_ext

@@ -1,5 +1,5 @@
 // CPU kernels of elbo_loss: one read of every input, the per-element terms and
-// their gradients from common/elbo_math.h evaluated on at::vec vectors (Sleef
+// their gradients from elbo/elbo_math.h evaluated on at::vec vectors (Sleef
 // exp / log1p / expm1 under AVX2), threads over fixed chunks (at::parallel_for).
 //
 // Determinism: the reconstruction of each sample is cut into chunks of
@@ -22,11 +22,11 @@
 #include <vector>
 
 #include "common/cpu_utils.h"
-#include "common/elbo_math.h"
+#include "elbo/elbo_math.h"
 
 namespace vae_ext {
 
-// Vector primitives for the shared formulas (see ElboMath in common/elbo_math.h).
+// Vector primitives for the shared formulas (see ElboMath in elbo/elbo_math.h).
 template <typename T>
 struct ElboMathVec {
   using V = at::vec::Vectorized<T>;

@@ -1,5 +1,5 @@
 // CUDA kernels of elbo_loss. The per-element terms and their gradients come
-// from common/elbo_math.h, as on the CPU.
+// from elbo/elbo_math.h, as on the CPU.
 //
 //   recon_kernel   Bernoulli / Gaussian: one block per tile of kTile elements of
 //                  one sample (grid-stride over tiles), 16-byte loads and stores
@@ -22,7 +22,7 @@
 #include "common/cuda_launch.cuh"
 #include "common/cuda_primitives.cuh"
 #include "common/cuda_utils.cuh"
-#include "common/elbo_math.h"
+#include "elbo/elbo_math.h"
 
 namespace vae_ext {
 namespace {

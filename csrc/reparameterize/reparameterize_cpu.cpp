@@ -12,8 +12,15 @@
 
 #include "common/cpu_utils.h"
 #include "common/philox_cpu.h"
+#include "reparameterize/reparameterize_math.h"
 
 namespace vae_ext {
+
+template <typename T>
+struct ReparameterizeMath<at::vec::Vectorized<T>> {
+  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+};
+
 namespace {
 
 constexpr int kChunk = kPhiloxNormals;  // elements per chunk: one vectorised Philox call
@@ -59,10 +66,8 @@ void forward_impl(const ReparameterizeParams& p) {
           lv[t] = static_cast<acc_t>(logvar[j]);
         }
       }
-      const Vec half(acc_t(0.5));
       for (int t = 0; t < kChunk; t += Vec::size()) {
-        const Vec z = Vec::loadu(m + t) + Vec::loadu(e + t) * (half * Vec::loadu(lv + t)).exp();
-        z.store(m + t);
+        reparameterize_sample(Vec::loadu(m + t), Vec::loadu(lv + t), Vec::loadu(e + t)).store(m + t);
       }
       store_narrow(m, out + i0, len);
     }
@@ -98,14 +103,13 @@ void backward_impl(const ReparameterizeBackwardParams& p) {
         load_widen(grad_z + k * n + i0, g, len);
         load_widen(z + k * n + i0, zz, len);
         for (int t = 0; t < kChunk; t += Vec::size()) {
-          const Vec gv = Vec::loadu(g + t);
-          (Vec::loadu(dm + t) + gv).store(dm + t);
-          (Vec::loadu(dl + t) + gv * (Vec::loadu(zz + t) - Vec::loadu(m + t))).store(dl + t);
+          Vec dmv = Vec::loadu(dm + t), dlv = Vec::loadu(dl + t);
+          reparameterize_grad_accumulate(Vec::loadu(g + t), Vec::loadu(zz + t), Vec::loadu(m + t), dmv, dlv);
+          dmv.store(dm + t);
+          dlv.store(dl + t);
         }
       }
-      for (int t = 0; t < kChunk; t += Vec::size()) {
-        (Vec(acc_t(0.5)) * Vec::loadu(dl + t)).store(dl + t);
-      }
+      for (int t = 0; t < kChunk; t += Vec::size()) reparameterize_grad_logvar(Vec::loadu(dl + t)).store(dl + t);
       store_narrow(dm, grad_mu + i0, len);
       store_narrow(dl, grad_logvar + i0, len);
     }

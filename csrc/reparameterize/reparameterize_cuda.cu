@@ -5,8 +5,8 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/cuda_utils.cuh"
-#include "common/math.h"
 #include "common/philox.h"
+#include "reparameterize/reparameterize_math.h"
 
 namespace vae_ext {
 namespace {
@@ -75,12 +75,10 @@ __global__ void __launch_bounds__(kThreads) reparameterize_backward_kernel(Repar
     const acc_t m = to_acc(mu[i]);
     acc_t dm = 0, dl = 0;
     for (int64_t k = 0; k < p.num_samples; ++k) {
-      const acc_t g = to_acc(grad_z[k * p.n + i]);
-      dm += g;
-      dl += g * (to_acc(z[k * p.n + i]) - m);
+      reparameterize_grad_accumulate(to_acc(grad_z[k * p.n + i]), to_acc(z[k * p.n + i]), m, dm, dl);
     }
     grad_mu[i] = from_acc<T>(dm);
-    grad_logvar[i] = from_acc<T>(acc_t(0.5) * dl);
+    grad_logvar[i] = from_acc<T>(reparameterize_grad_logvar(dl));
   }
 }
 
