@@ -11,6 +11,7 @@ Mode, from the environment variable VAE_EXT_BACKEND (the process default) or
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -82,8 +83,9 @@ def build_info() -> dict:
     return dict(_C.build_info()) if _C is not None else {}
 
 
+@functools.lru_cache(maxsize=64)
 def device_supported(device: torch.device) -> tuple[bool, str]:
-    """Whether the extension has kernels for `device`, and why not."""
+    """Whether the extension has kernels for `device`, and why not (cached: it depends on the build only)."""
     if _C is None:
         return False, f"the compiled extension did not load ({_load_error})"
     if device.type == "cpu":

@@ -22,12 +22,19 @@ def check_float(op: str, name: str, x: torch.Tensor) -> None:
 def check_same_device(op: str, tensors: dict) -> None:
     """All tensors of `tensors` (name -> tensor or None) on one device; a value that is
     not a tensor is a TypeError naming it (checked first: a list has no .device)."""
+    first = None
+    same = True
     for name, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            same = False
+    if not same:
+        listed = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
         raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
 
 
