@@ -229,13 +229,15 @@ def emu():
     return cuda_emu.load()
 
 
-EMU_CASES = ["key", "query", "value", "key, causal", "hidden: padding", "hidden: bool", "hidden: additive -inf"]
+EMU_CASES = ["key", "query", "value", "key, causal", "value, causal", "hidden: padding", "hidden: bool",
+             "hidden: additive -inf", "hidden value: padding", "hidden value: bool", "hidden value: additive -inf"]
 
 
 @cuda_emu.requires_emulation
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float32, 16)], ids=["tensor-core", "simt"])
 @pytest.mark.parametrize("case", EMU_CASES)
-def test_nan_cuda_kernels_emulated(emu, case, dtype, d):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-kernel"])
+def test_nan_cuda_kernels_emulated(emu, case, dtype, d, deterministic):
     """The CUDA forward and backward under the emulation: a NaN in a visible input gives exactly the
     reference's NaN pattern (the rest close to it); a NaN in a hidden key leaks nowhere."""
     b, h, sq, sk = 2, 2, 40, 70
@@ -243,30 +245,34 @@ def test_nan_cuda_kernels_emulated(emu, case, dtype, d):
     q, k, v = _qkv(b, h, sq, sk, d, dtype, seed=len(case) + d)
     causal = "causal" in case
     kpm = attn_mask = None
-    if case == "hidden: padding":
+    if case.endswith(": padding"):
         kpm = torch.zeros(b, sk, dtype=torch.bool)
         kpm[:, j] = True
-    elif case == "hidden: bool":
+    elif case.endswith(": bool"):
         attn_mask = torch.ones(b, 1, sq, sk, dtype=torch.bool)
         attn_mask[..., j] = False
-    elif case == "hidden: additive -inf":
+    elif case.endswith(": additive -inf"):
         attn_mask = torch.randn(1, h, sq, sk, generator=_gen(16))
         attn_mask[..., j] = float("-inf")
     if case == "query":
         q[0, 1, 7, 3] = float("nan")
-    elif case == "value":
+    elif "value" in case:
         v[1, 0, j, 2] = float("nan")
+        if case.startswith("hidden"):
+            v[0, 1, j, 0] = float("inf")  # an infinity must not leak either (0 * inf = NaN)
     else:
         k[0, 0, j, 1] = float("nan")
     scale = 1.0 / math.sqrt(d)
     out, lse, rng = emu.attention_forward(q, k, v, attn_mask, kpm, causal, scale, 0.0, 0, 0, False, True, 0)
     grad = torch.randn(q.shape, generator=_gen(17), dtype=torch.float64).to(dtype)
-    dq, dk, dv, _ = emu.attention_backward(grad, q, k, v, out, lse, rng, attn_mask, kpm, causal, scale, 0.0, False,
-                                           True, 0)
+    dq, dk, dv, _ = emu.attention_backward(grad, q, k, v, out, lse, rng, attn_mask, kpm, causal, scale, 0.0,
+                                           deterministic, True, 0)
     ref, (rq, rk, rv) = _grads(lambda a, c, e: visible_pairs_attention(a, c, e, attn_mask, kpm, causal, scale),
                                (q.double(), k.double(), v.double()), grad.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if causal:  # rows before the NaN key do not see it
+    if causal and "value" in case:  # rows before the NaN value's key do not see it; the rows after do
+        assert not torch.isnan(out[:, :, :j]).any() and torch.isnan(out[1, 0, j:, 2]).all()
+    elif causal:  # rows before the NaN key do not see it
         assert not torch.isnan(out[:, :, :j]).any() and torch.isnan(out[0, 0, j:]).all()
     elif case.startswith("hidden"):
         for t, what in ((out, "out"), (dk, "dk"), (dv, "dv")):
@@ -278,11 +284,9 @@ def test_nan_cuda_kernels_emulated(emu, case, dtype, d):
     want_lse_nan = torch.isnan(ref).any(-1) if case in ("key", "query", "key, causal") else torch.zeros_like(lse,
                                                                                                          dtype=bool)
     assert torch.equal(torch.isnan(lse), want_lse_nan), "lse must be NaN exactly for the rows with a NaN score"
-    # dq of a row whose tile holds a hidden NaN key is the one known leak of the CUDA kernels
-    # (dS = 0 times the NaN key in the tensor-core / FFMA product; README limitations).
-    grads = [(dk, rk, "dk"), (dv, rv, "dv")]
-    if not (case.startswith("hidden") or causal):
-        grads.append((dq, rq, "dq"))
+    # dq too: a hidden NaN key (dS = 0 there) must not reach it through the dS K product, nor a
+    # hidden NaN value (dS is exactly 0 at a hidden pair, whatever dP holds).
+    grads = [(dk, rk, "dk"), (dv, rv, "dv"), (dq, rq, "dq")]
     for got, want, what in grads:
         _assert_same_nan_and_close(got, want, what, rtol=4 * tol, atol=4 * tol)
 

@@ -105,8 +105,12 @@ using dev::ldmatrix_x4_trans;
 // a shared tile with row stride kStride, by kThreads threads. `vec` (d % 8 == 0
 // and 16-byte aligned rows): 16-byte cp.async copies, zero-filling by predicate;
 // otherwise 2-byte loads and stores.
+// `hidden` (optional, one byte per row: the key padding mask from the tile's first key)
+// zero-fills the rows it marks too: V rows of padded keys, so that their weight 0 never
+// multiplies a NaN or an infinity they may hold.
 template <int kRows, int kD, int kStride, int kThreads>
-VAE_DEV void load_tile(uint16_t* smem, const uint16_t* gmem, int64_t ld, int valid_rows, int d, bool vec, int tid) {
+VAE_DEV void load_tile(uint16_t* smem, const uint16_t* gmem, int64_t ld, int valid_rows, int d, bool vec, int tid,
+                       const uint8_t* hidden = nullptr) {
   constexpr int kChunks = kD / 8;
   constexpr int kTotal = kRows * kChunks;
   static_assert(kTotal % kThreads == 0, "tile chunks must divide among the threads");
@@ -115,14 +119,62 @@ VAE_DEV void load_tile(uint16_t* smem, const uint16_t* gmem, int64_t ld, int val
     for (int it = 0; it < kTotal / kThreads; ++it) {
       const int idx = it * kThreads + tid;
       const int r = idx / kChunks, col = (idx % kChunks) * 8;
-      const bool pred = r < valid_rows && col < d;
+      const bool pred = r < valid_rows && col < d && (hidden == nullptr || hidden[r] == 0);
       dev::cp_async_16(smem + r * kStride + col, pred ? gmem + static_cast<int64_t>(r) * ld + col : gmem, pred);
     }
   } else {
 #pragma unroll 1
     for (int idx = tid; idx < kRows * kD; idx += kThreads) {
       const int r = idx / kD, col = idx % kD;
-      smem[r * kStride + col] = (r < valid_rows && col < d) ? gmem[static_cast<int64_t>(r) * ld + col] : uint16_t(0);
+      const bool pred = r < valid_rows && col < d && (hidden == nullptr || hidden[r] == 0);
+      smem[r * kStride + col] = pred ? gmem[static_cast<int64_t>(r) * ld + col] : uint16_t(0);
+    }
+  }
+}
+
+// Whether rows [0, valid_rows) x columns [0, d) of a shared 16-bit tile hold a NaN or an
+// infinity (all exponent bits set), for the whole block (one barrier).
+template <typename T, int kRows, int kD, int kStride, int kThreads>
+VAE_DEV bool tile_has_nonfinite(const uint16_t* smem, int valid_rows, int d, int tid) {
+  constexpr uint16_t kExp = Elem<T>::kExponentMask;
+  bool bad = false;
+#pragma unroll 1
+  for (int idx = tid; idx < kRows * kD; idx += kThreads) {
+    const int r = idx / kD, col = idx % kD;
+    if (r < valid_rows && col < d) bad |= (smem[r * kStride + col] & kExp) == kExp;
+  }
+  return __syncthreads_or(bad) != 0;
+}
+
+// O += P V for one warp, element by element, skipping the zero weights: the P V product of
+// a tile with hidden pairs whose V holds a NaN or an infinity (rare), so that a hidden
+// key's value reaches no row that does not see it (an mma would give 0 * NaN = NaN).
+// p: the warp's probabilities in the accumulator layout (rows 16 mt + g (+8), keys
+// 8 nt + 2 t (+1)); each lane fetches the weights of its rows from its quad.
+template <typename T, int kMT, int kNT, int kDT, int kStride>
+VAE_DEV void pv_skip_zero(float (&acc)[kMT][kDT][4], const float (&p)[kMT][kNT][4], const uint16_t* v, int lane) {
+  const int t = lane & 3;
+#pragma unroll 1
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll 1
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const float w = __shfl_sync(0xffffffffu, p[mt][nt][2 * hf + bb], (lane & ~3) | tt);
+            if (w == 0.f) continue;
+            const uint16_t* vrow = v + (nt * 8 + 2 * tt + bb) * kStride + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+              acc[mt][dt][2 * hf] += w * Elem<T>::to_float(vrow[dt * 8]);
+              acc[mt][dt][2 * hf + 1] += w * Elem<T>::to_float(vrow[dt * 8 + 1]);
+            }
+          }
+        }
+      }
     }
   }
 }
@@ -312,7 +364,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
   for (int n = 0; n < n_tiles; ++n) {
     const int n0 = n * kBlockN;
     load_tile<kBlockN, kD, kStride, kThreads>(opaque(sV), opaque(v + static_cast<int64_t>(n0) * p.v_row_stride), p.v_row_stride,
-                                              n_end - n0, d, vec_in, tid);
+                                              n_end - n0, d, vec_in, tid,
+                                              mask.key_padding != nullptr ? mask.key_padding + n0 : nullptr);
     dev::cp_async_commit();
     dev::cp_async_wait<1>();  // Q and K_n have landed
     __syncthreads();
@@ -395,7 +448,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 
     dev::cp_async_wait<1>();  // V_n has landed
     __syncthreads();
-    gemm_rn<T, kMT, kNT / 2, kDT, kStride>(acc_o, pa, opaque(sV), lane);
+    // A tile with per-pair hidden weights (the causal diagonal, an attn_mask) whose V holds a
+    // NaN or an infinity takes the element-wise product (padded keys' V rows are zero already).
+    const bool careful = (mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, n0 + kBlockN - 1)) &&
+                         tile_has_nonfinite<T, kBlockN, kD, kStride, kThreads>(sV, n_end - n0, d, tid);
+    if (careful) {
+      pv_skip_zero<T, kMT, kNT, kDT, kStride>(acc_o, acc_s, sV, lane);
+    } else {
+      gemm_rn<T, kMT, kNT / 2, kDT, kStride>(acc_o, pa, opaque(sV), lane);
+    }
     __syncthreads();  // every warp is done with V_n
   }
   dev::cp_async_wait<0>();
@@ -484,7 +545,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                       static_cast<int64_t>(n0) * p.k_row_stride;
   const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride +
                       static_cast<int64_t>(n0) * p.v_row_stride;
-  load_tile<kBlockN, kD, kStride, kThreads>(sK, k, p.k_row_stride, kv_limit - n0, d, vec_in, tid);
+  // Padded keys' K rows are zero-filled: their dS is 0 and must not multiply a NaN into dQ.
+  const uint8_t* pad_rows = p.key_padding != nullptr ? p.key_padding + static_cast<int64_t>(b) * p.kv_len + n0 : nullptr;
+  load_tile<kBlockN, kD, kStride, kThreads>(sK, k, p.k_row_stride, kv_limit - n0, d, vec_in, tid, pad_rows);
   load_tile<kBlockN, kD, kStride, kThreads>(sV, v, p.v_row_stride, kv_limit - n0, d, vec_in, tid);
 
   auto load_queries = [&](int it) {
@@ -523,12 +586,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
   zero(acc_dk);
   zero(acc_dv);
+  // Whether this block's K holds a NaN or an infinity (then dQ of tiles with per-pair hidden
+  // weights takes the element-wise product that skips dS = 0; found at the first step).
+  const bool pair_masks = p.is_causal || p.mask_kind != MaskKind::kNone;
+  bool k_bad = false;
 
   for (int it = 0; it < n_iter; ++it) {
     if (it + 1 < n_iter) load_queries(it + 1);
     dev::cp_async_commit();
     dev::cp_async_wait<1>();
     __syncthreads();
+    if (it == 0 && atomic_dq && pair_masks) {
+      k_bad = tile_has_nonfinite<T, kBlockN, kD, kStride, kThreads>(sK, kv_limit - n0, d, tid);
+    }
 
     const int hq = hkv * group + it / per_head;
     const int m0 = (m_begin + it % per_head) * kBlockM;
@@ -620,11 +690,29 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const uint16_t* sKd = opaque(sK + d0);
       float acc_dq[1][Cfg::kDTw][4];
       zero(acc_dq);
+      if (k_bad && (mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, n0 + kBlockN - 1))) {
+        // rare: a NaN / infinite key in a tile with hidden pairs; dS_ij = sdS[j][i]
+#pragma unroll 1
+        for (int j = 0; j < kBlockN; ++j) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t af[1][1][4];
-        ldmatrix_x4_trans(af[0][0], sdSq + kk * 16 * kStrideS);
-        gemm_rn<T, 1, 1, Cfg::kDTw, kStride>(acc_dq, af, sKd + kk * 16 * kStride, lane);
+          for (int hf = 0; hf < 2; ++hf) {
+            const float w = Elem<T>::to_float(sdS[j * kStrideS + mq * 16 + g + hf * 8]);
+            if (w == 0.f) continue;
+            const uint16_t* krow = sKd + j * kStride + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < Cfg::kDTw; ++dt) {
+              acc_dq[0][dt][2 * hf] += w * Elem<T>::to_float(krow[dt * 8]);
+              acc_dq[0][dt][2 * hf + 1] += w * Elem<T>::to_float(krow[dt * 8 + 1]);
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t af[1][1][4];
+          ldmatrix_x4_trans(af[0][0], sdSq + kk * 16 * kStrideS);
+          gemm_rn<T, 1, 1, Cfg::kDTw, kStride>(acc_dq, af, sKd + kk * 16 * kStride, lane);
+        }
       }
       float* dq_rows = ws.dq_accum + (static_cast<int64_t>(b) * p.heads + hq) * p.q_len * ws.dq_ld;
 #pragma unroll
@@ -706,7 +794,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const int n0 = n * kBlockN, buf = n & 1;
     load_tile<kBlockN, kD, kStride, kThreads>(opaque(sK + buf * kBlockN * kStride),
                                               opaque(k + static_cast<int64_t>(n0) * p.k_row_stride), p.k_row_stride,
-                                              n_end - n0, d, vec_in, tid);
+                                              n_end - n0, d, vec_in, tid,
+                                              mask.key_padding != nullptr ? mask.key_padding + n0 : nullptr);
     load_tile<kBlockN, kD, kStride, kThreads>(opaque(sV + buf * kBlockN * kStride),
                                               opaque(v + static_cast<int64_t>(n0) * p.v_row_stride), p.v_row_stride,
                                               n_end - n0, d, vec_in, tid);
@@ -779,7 +868,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int e = 0; e < 4; ++e) acc_dp[0][nt][e] = softmax_grad(acc_s[0][nt][e], acc_dp[0][nt][e], delta[e >> 1]);
     uint32_t pa[1][kNT / 2][4];
     pack_a<T, 1, kNT>(pa, acc_dp);
-    gemm_rn<T, 1, kNT / 2, kDT, kStride>(acc_dq, pa, sKb, lane);
+    // dQ += dS K; element-wise, skipping dS = 0, in a tile with per-pair hidden weights whose K
+    // holds a NaN or an infinity (padded keys' K rows are zero already).
+    const bool careful = (mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, n0 + kBlockN - 1)) &&
+                         tile_has_nonfinite<T, kBlockN, kD, kStride, kThreads>(sKb, n_end - n0, d, tid);
+    if (careful) {
+      pv_skip_zero<T, 1, kNT, kDT, kStride>(acc_dq, acc_dp, sKb, lane);
+    } else {
+      gemm_rn<T, 1, kNT / 2, kDT, kStride>(acc_dq, pa, sKb, lane);
+    }
     __syncthreads();
   }
   dev::cp_async_wait<0>();

@@ -63,6 +63,7 @@ VAE_DEV float warp_sum(float v) {
 // Element conversions by bits (torch builds disable the implicit half/bfloat16 conversions).
 template <typename T> struct Elem;
 template <> struct Elem<__nv_bfloat16> {
+  static constexpr uint16_t kExponentMask = 0x7f80;  // all set: NaN or infinity
   static VAE_DEV float to_float(uint16_t bits) {
     const uint32_t w = static_cast<uint32_t>(bits) << 16;
     float f;
@@ -77,6 +78,7 @@ template <> struct Elem<__nv_bfloat16> {
   }
 };
 template <> struct Elem<__half> {
+  static constexpr uint16_t kExponentMask = 0x7c00;
   static VAE_DEV float to_float(uint16_t bits) {
     __half_raw raw;
     raw.x = bits;

@@ -108,7 +108,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
     }
     __syncwarp();
     const int keys = min(kTile, n_end - n0);
+    // Weights of 0 never multiply a value that may be NaN or infinite: a padded key (hidden
+    // from every row) is skipped; in a tile with per-pair hidden weights (the causal
+    // diagonal, an attn_mask) a non-finite value is added only to the rows that see it.
+    const bool pair_tile = mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, n0 + kTile - 1);
     for (int jj = 0; jj < keys; ++jj) {
+      if (mask.key_padding != nullptr && mask.key_padding[n0 + jj] != 0) continue;
       const int64_t vrow = v_off + static_cast<int64_t>(n0 + jj) * p.v_row_stride;
       float pw[kRows];
 #pragma unroll
@@ -118,8 +123,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
         const int col = c * 32 + lane;
         if (col < d) {
           const float vv = IO<T>::load(p.v, vrow + col);
+          if (pair_tile && !(fabsf(vv) < INFINITY)) {  // NaN or infinite
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) o[r][c] += pw[r] * vv;
+            for (int r = 0; r < kRows; ++r) {
+              if (pw[r] != 0.f) o[r][c] += pw[r] * vv;
+            }
+          } else {
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) o[r][c] += pw[r] * vv;
+          }
         }
       }
     }
@@ -222,7 +234,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
     }
     __syncwarp();
     const int keys = min(kTile, n_end - n0);
+    // As in the forward: dS = 0 never multiplies a NaN or infinite key (a padded key is
+    // skipped; in a tile with per-pair hidden weights a non-finite key reaches only the rows
+    // that see it).
+    const bool pair_tile = mask.kind != MaskKind::kNone || mask.crosses_diagonal(m0, n0 + kTile - 1);
     for (int jj = 0; jj < keys; ++jj) {
+      if (mask.key_padding != nullptr && mask.key_padding[n0 + jj] != 0) continue;
       float w[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) w[r] = ds_s[r * kTile + jj];
@@ -231,8 +248,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
         const int col = c * 32 + lane;
         if (col < d) {
           const float kv = sK[jj * (d + 1) + col];
+          if (pair_tile && !(fabsf(kv) < INFINITY)) {  // NaN or infinite
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) dq[r][c] += w[r] * kv;
+            for (int r = 0; r < kRows; ++r) {
+              if (w[r] != 0.f) dq[r][c] += w[r] * kv;
+            }
+          } else {
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) dq[r][c] += w[r] * kv;
+          }
         }
       }
     }
