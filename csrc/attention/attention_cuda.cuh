@@ -150,13 +150,14 @@ VAE_DEV bool tile_has_nonfinite(const uint16_t* smem, int valid_rows, int d, int
 // a tile with hidden pairs whose V holds a NaN or an infinity (rare), so that a hidden
 // key's value reaches no row that does not see it (an mma would give 0 * NaN = NaN).
 // p: the warp's probabilities in the accumulator layout (rows 16 mt + g (+8), keys
-// 8 nt + 2 t (+1)); each lane fetches the weights of its rows from its quad.
+// 8 nt + 2 t (+1)); each lane fetches the weights of its rows from its quad. Every loop is
+// unrolled: a run-time index into the register arrays would move them to local memory.
 template <typename T, int kMT, int kNT, int kDT, int kStride>
 VAE_DEV void pv_skip_zero(float (&acc)[kMT][kDT][4], const float (&p)[kMT][kNT][4], const uint16_t* v, int lane) {
   const int t = lane & 3;
-#pragma unroll 1
+#pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll 1
+#pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
