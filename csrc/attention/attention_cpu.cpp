@@ -87,7 +87,7 @@ const Config& config() {
   return cfg;
 }
 
-// Forward tile sizes for one call (benchmarks/results/cpu-attention-tiles-20261202.md):
+// Forward tile sizes for one call (benchmarks/results/cpu-attention-models-20261202.md):
 // long key ranges take wide key tiles (fewer, larger BLAS calls and online-softmax
 // rescales; the causal diagonal wastes up to half a tile, so causal stops at 256),
 // and query tiles grow while every thread still gets several tasks, within a
