@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
         for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * hf], acc_s[mt][nt][2 * hf + 1]));
         mx = quad_max(mx);
         // A row that has seen no visible key keeps max -inf; exp2 against 0 then gives 0 everywhere.
-        const float ref = mx == -INFINITY ? 0.f : mx;
+        const float ref = softmax_exp_reference(mx);
         const float alpha = exp2_fast(row_max[mt][hf] - ref);
         row_max[mt][hf] = mx;
         float sum = 0.f;
@@ -469,10 +469,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const float sum = quad_sum(row_sum[mt][hf]);
-      const bool empty = sum == 0.f;  // a NaN sum (a visible NaN score) gives NaN out and lse
-      mul[mt][hf] = empty ? 0.f : 1.f / sum;
+      // attention_math.h: 0 / +inf for a row that saw no key; a NaN sum gives NaN out and lse
+      mul[mt][hf] = softmax_out_scale(sum);
       const int r = warp_row0 + mt * 16 + g + hf * 8;
-      if (t == 0 && r < q_rows) lse_out[r] = empty ? INFINITY : row_max[mt][hf] * kLn2 + logf(sum);
+      if (t == 0 && r < q_rows) lse_out[r] = softmax_lse(row_max[mt][hf], sum, kLn2);
     }
   }
   uint16_t* rows = sQ + warp_row0 * kStride;

@@ -72,20 +72,38 @@ VAE_HD acc_t online_softmax_rescale(SoftmaxRow<acc_t>& state, acc_t tile_max) {
   return factor;
 }
 
+// The reference the exp of a tile's scores is taken against: the row's max, or 0 while
+// the row has seen no visible key (max = -inf), so that every weight of such a row is
+// exp(-inf) = 0 and no -inf - (-inf) = NaN arises. (The CUDA kernels keep max and scores
+// in the log2 domain, scale folded into log2(e); the rule is the same.)
+template <typename acc_t>
+VAE_HD acc_t softmax_exp_reference(acc_t row_max) {
+  return row_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : row_max;
+}
+
 // After the last tile: the factor that turns the output accumulator into the
 // output (1 / sum, or 0 for a row that saw no key; NaN for a NaN sum) ...
 // (A row that saw a key has sum >= 1: its largest score contributes exp(0).)
 template <typename acc_t>
+VAE_HD acc_t softmax_out_scale(acc_t sum) {
+  return sum == acc_t(0) ? acc_t(0) : acc_t(1) / sum;
+}
+template <typename acc_t>
 VAE_HD acc_t softmax_out_scale(const SoftmaxRow<acc_t>& state) {
-  return state.sum == acc_t(0) ? acc_t(0) : acc_t(1) / state.sum;
+  return softmax_out_scale(state.sum);
 }
 
 // ... and the row's natural log-sum-exp, +inf for a row that saw no key, so that
 // exp(score - lse) is 0 for every key of such a row in the backward; NaN for a
-// row whose sum is NaN, so that its backward is NaN too.
+// row whose sum is NaN, so that its backward is NaN too. max_to_natural: 1 for a
+// max in the natural domain (CPU), ln 2 for one in the log2 domain (CUDA).
+template <typename acc_t>
+VAE_HD acc_t softmax_lse(acc_t row_max, acc_t sum, acc_t max_to_natural) {
+  return sum == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : row_max * max_to_natural + log_(sum);
+}
 template <typename acc_t>
 VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
-  return state.sum == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : state.max + log_(state.sum);
+  return softmax_lse(state.max, state.sum, acc_t(1));
 }
 
 // dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element;

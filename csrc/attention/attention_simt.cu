@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
         if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
       }
       const float mx = warp_max(fmaxf(row_max[r], s2));
-      const float ref = mx == -INFINITY ? 0.f : mx;
+      const float ref = softmax_exp_reference(mx);
       const float alpha = exp2_fast(row_max[r] - ref);
       row_max[r] = mx;
       const float pr = exp2_fast(s2 - ref);
@@ -143,15 +143,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
     const int rl = warp * kRows + r;
     if (rl >= q_rows) continue;
     const float sum = warp_sum(row_sum[r]);
-    const bool empty = sum == 0.f;  // a NaN sum (a visible NaN score) gives NaN out and lse
-    const float inv = empty ? 0.f : 1.f / sum;
+    const float inv = softmax_out_scale(sum);  // attention_math.h: 0 for a row that saw no key
     const int64_t row = out_row0 + rl;
 #pragma unroll
     for (int c = 0; c < Chunks; ++c) {
       const int col = c * 32 + lane;
       if (col < d) IO<T>::store(p.out, row * d + col, o[r][c] * inv);
     }
-    if (lane == 0) p.lse[row] = empty ? INFINITY : row_max[r] * kLn2 + logf(sum);
+    if (lane == 0) p.lse[row] = softmax_lse(row_max[r], sum, kLn2);
   }
 }
 
