@@ -17,61 +17,42 @@ import time
 import pytest
 import torch
 
-from vae_ext.bench_shapes import MODEL_SHAPES, calls, make_inputs
+from vae_ext.bench_shapes import MODEL_SHAPES, TRAINING_SHAPES, call
 
-# fwd+bwd: the shapes models are trained at (the SD VAE and UNet self-attention are inference shapes
-# here, and take seconds per step on a 2-core CPU)
-TRAINING = [s for s in MODEL_SHAPES if s.sq > 1 and s.family not in ("SD VAE mid-block 64x64", "SD UNet self-attn")]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _forward(shape, impl, dtype):
-    q, k, v, kpm = make_inputs(shape, dtype)
-    fn = calls(shape, kpm)[impl]
-
-    def run():
-        with torch.inference_mode():
-            return fn(q, k, v)
-    return run
-
-
-def _training(shape, impl, dtype):
-    q, k, v, kpm = make_inputs(shape, dtype)
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    grad = torch.randn_like(q)
-    fn = calls(shape, kpm)[impl]
-    return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
+def _bench(benchmark, shape, impl, dtype, backward):
+    run = call(shape, impl, dtype, backward)
+    run()
+    kind = "training" if backward else "inference"
+    benchmark.group = f"attention {kind} | {shape.family} {shape.label()} | {dtype}"
+    benchmark.extra_info.update(op="attention", case=shape.family, impl=impl,
+                                **{"pass": "fwd+bwd" if backward else "fwd"}, device="cpu")
+    benchmark(run)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("impl", ["fused", "sdpa"])
 @pytest.mark.parametrize("shape", MODEL_SHAPES, ids=[s.family for s in MODEL_SHAPES])
 def test_attention_model_shapes_forward(benchmark, shape, impl, dtype):
-    run = _forward(shape, impl, dtype)
-    run()
-    benchmark.group = f"attention inference | {shape.family} {shape.label()} | {dtype}"
-    benchmark.extra_info.update(op="attention", case=shape.family, impl=impl, **{"pass": "fwd"}, device="cpu")
-    benchmark(run)
+    _bench(benchmark, shape, impl, dtype, backward=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("impl", ["fused", "sdpa"])
-@pytest.mark.parametrize("shape", TRAINING, ids=[s.family for s in TRAINING])
+@pytest.mark.parametrize("shape", TRAINING_SHAPES, ids=[s.family for s in TRAINING_SHAPES])
 def test_attention_model_shapes_forward_backward(benchmark, shape, impl, dtype):
-    run = _training(shape, impl, dtype)
-    run()
-    benchmark.group = f"attention training | {shape.family} {shape.label()} | {dtype}"
-    benchmark.extra_info.update(op="attention", case=shape.family, impl=impl, **{"pass": "fwd+bwd"}, device="cpu")
-    benchmark(run)
+    _bench(benchmark, shape, impl, dtype, backward=True)
 
 
 def alternating(dtypes, reps, backward):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms of {reps} alternating calls"
           f" ({'forward+backward' if backward else 'forward, inference mode'})")
     print("| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
-    for shape in (TRAINING if backward else MODEL_SHAPES):
+    for shape in (TRAINING_SHAPES if backward else MODEL_SHAPES):
         for dtype in dtypes:
-            fns = {impl: (_training if backward else _forward)(shape, impl, dtype) for impl in ("fused", "sdpa")}
+            fns = {impl: call(shape, impl, dtype, backward) for impl in ("fused", "sdpa")}
             times = {name: [] for name in fns}
             for fn in fns.values():
                 fn()

@@ -219,21 +219,12 @@ def _attention_model_cases(device, quick) -> list[Case]:
         if quick and shape.family in bench_shapes.SLOW_ON_CPU:
             continue
         for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
-            q, k, v, kpm = bench_shapes.make_inputs(shape, dtype, device)
-            grad = torch.randn_like(q)
-            fns = bench_shapes.calls(shape, kpm)
-            impls = {name: (lambda fn=fn: fn) for name, fn in fns.items()}
+            impls = {impl: (lambda impl=impl: impl) for impl in ("fused", "sdpa")}
 
-            def make(fn, backward, q=q, k=k, v=v, grad=grad):
-                if not backward:
-                    def run():
-                        with torch.inference_mode():
-                            return fn(q, k, v)
-                    return run
-                qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-                return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
+            def make(impl, backward, shape=shape, dtype=dtype):
+                return bench_shapes.call(shape, impl, dtype, backward, device)
 
-            training = shape.sq > 1 and shape.family not in ("SD VAE mid-block 64x64", "SD UNet self-attn")
+            training = shape in bench_shapes.TRAINING_SHAPES
             cases.append(Case("attention_models", f"{shape.family} {shape.label()} {str(dtype)[6:]}",
                               {"make": make, **impls}, flops_fwd=bench_shapes.flops(shape),
                               passes=("fwd", "fwd+bwd") if training else ("fwd",)))

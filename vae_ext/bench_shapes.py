@@ -39,6 +39,10 @@ MODEL_SHAPES = [
 ]
 # The families whose fwd+bwd a CPU takes seconds for: `vae-ext bench --quick` leaves them out.
 SLOW_ON_CPU = ("SD VAE mid-block 64x64", "SD UNet self-attn", "ViT-B/16 384px", "LLM prefill GQA")
+# Timed forward+backward too: the shapes models are trained at (the SD VAE and UNet self-attention
+# are inference shapes here, and decoding has no backward).
+TRAINING_SHAPES = [s for s in MODEL_SHAPES
+                   if s.sq > 1 and s.family not in ("SD VAE mid-block 64x64", "SD UNet self-attn")]
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device="cpu", seed: int = 0):
@@ -67,6 +71,21 @@ def calls(shape: Shape, kpm):
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal, enable_gqa=gqa)
     return {"fused": fused, "sdpa": sdpa}
+
+
+def call(shape: Shape, impl: str, dtype: torch.dtype, backward: bool, device="cpu"):
+    """A no-argument callable timing `impl` ('fused' or 'sdpa') on fresh inputs of `shape`: the forward
+    under torch.inference_mode(), or (backward) forward and backward with a random output gradient."""
+    q, k, v, kpm = make_inputs(shape, dtype, device)
+    fn = calls(shape, kpm)[impl]
+    if not backward:
+        def run():
+            with torch.inference_mode():
+                return fn(q, k, v)
+        return run
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
 
 
 def flops(shape: Shape) -> float:
