@@ -151,9 +151,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if k.dtype != q.dtype or v.dtype != q.dtype:
         bad = "k" if k.dtype != q.dtype else "v"
         raise TypeError(f"{OP}: {bad} dtype {(k if bad == 'k' else v).dtype} differs from q dtype {q.dtype}")
-    if attn_mask is not None or key_padding_mask is not None or not (q.device == k.device == v.device):
-        check_same_device(OP, {"q": q, "k": k, "v": v, "attn_mask": attn_mask,
-                               "key_padding_mask": key_padding_mask})
+    check_same_device(OP, {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask})
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[0] != b:
