@@ -394,6 +394,13 @@ struct Problem {
   // when it hides nothing: lower-right aligned with Sq = 1); dropout's row index
   // ((b H + h) Sq + i) is then the packed row's.
   bool pack_heads = false;  // set by the forward (forward_impl), never by the backward
+  // The first query and the number of rows of forward tile qt (with packed heads: 0 and G,
+  // the rows being heads h .. h + G - 1).
+  std::pair<int64_t, int64_t> tile_rows(int64_t qt) const {
+    if (pack_heads) return {0, G};
+    const int64_t q0 = qt * bq;
+    return {q0, std::min(bq, Sq - q0)};
+  }
   bool can_pack_heads() const {
     return Sq == 1 && G > 1 && p.mask_kind == MaskKind::kNone && (!p.is_causal || p.causal_offset >= Sk - 1);
   }
@@ -633,7 +640,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const int64_t D = pr.D, bk = pr.bk;
   // Packed heads (decoding, Problem::pack_heads): the tile's rows are the one query of
   // heads h .. h + G - 1, which share one kv head: q rows a head stride apart.
-  const int64_t q0 = pr.pack_heads ? 0 : qt * pr.bq, mq = pr.pack_heads ? pr.G : std::min(pr.bq, pr.Sq - q0);
+  const auto [q0, mq] = pr.tile_rows(qt);
   const int64_t q_rs = pr.pack_heads ? p.q_head_stride : p.q_row_stride;
   const int64_t hk = h / pr.G;
   const int64_t end = pr.key_end(b, q0, mq);
@@ -722,9 +729,8 @@ void forward_impl(const AttentionParams& p) {
   const int64_t rows = pr.pack_heads ? pr.G : pr.bq;
   std::vector<int64_t> cost(static_cast<size_t>(pr.B * heads * tiles));
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
-    const int64_t b = t / (heads * tiles), qt = t % tiles;
-    const int64_t q0 = qt * pr.bq;
-    cost[t] = 1 + (pr.pack_heads ? pr.key_end(b, 0, 1) : pr.key_end(b, q0, std::min(pr.bq, pr.Sq - q0)));
+    const auto [q0, mq] = pr.tile_rows(t % tiles);
+    cost[t] = 1 + pr.key_end(t / (heads * tiles), q0, mq);
   }
   auto* out = static_cast<scalar_t*>(p.out);
   double flops = 0;
@@ -732,7 +738,7 @@ void forward_impl(const AttentionParams& p) {
   run_tasks<FwdWorkspace<acc_t>>(by_cost(cost), flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
     const int64_t qt = t % tiles, b = t / tiles / heads, hh = t / tiles % heads;
     const int64_t h = pr.pack_heads ? hh * pr.G : hh, bh = b * pr.H + h;
-    const int64_t q0 = pr.pack_heads ? 0 : qt * pr.bq, mq = pr.pack_heads ? pr.G : std::min(pr.bq, pr.Sq - q0);
+    const auto [q0, mq] = pr.tile_rows(qt);
     ws.lse.resize(static_cast<size_t>(mq));
     forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data());
     // packed: row r is head h + r (Sq = 1), so lse and out rows are consecutive either way
