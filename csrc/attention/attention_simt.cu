@@ -35,6 +35,23 @@ __device__ __forceinline__ void load_rows(float* smem, int ld_s, const void* gme
   }
 }
 
+// acc[r][c] += w[r] * x for the warp's rows. With skip_zero (a tile with per-pair hidden weights)
+// a NaN or infinite x is added only to the rows whose weight is not 0, so that a hidden key's value
+// (O += P V) or key (dQ += dS K) reaches no row that does not see it (0 * NaN = NaN).
+template <int C>
+__device__ __forceinline__ void add_weighted(float (&acc)[kRows][C], int c, const float (&w)[kRows], float x,
+                                             bool skip_zero) {
+  if (skip_zero && !(fabsf(x) < INFINITY)) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (w[r] != 0.f) acc[r][c] += w[r] * x;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r][c] += w[r] * x;
+  }
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename T, int Chunks>
@@ -122,16 +139,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
       for (int c = 0; c < Chunks; ++c) {
         const int col = c * 32 + lane;
         if (col < d) {
-          const float vv = IO<T>::load(p.v, vrow + col);
-          if (pair_tile && !(fabsf(vv) < INFINITY)) {  // NaN or infinite
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-              if (pw[r] != 0.f) o[r][c] += pw[r] * vv;
-            }
-          } else {
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) o[r][c] += pw[r] * vv;
-          }
+          add_weighted(o, c, pw, IO<T>::load(p.v, vrow + col), pair_tile);
         }
       }
     }
@@ -246,16 +254,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
       for (int c = 0; c < kMaxChunks; ++c) {
         const int col = c * 32 + lane;
         if (col < d) {
-          const float kv = sK[jj * (d + 1) + col];
-          if (pair_tile && !(fabsf(kv) < INFINITY)) {  // NaN or infinite
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-              if (w[r] != 0.f) dq[r][c] += w[r] * kv;
-            }
-          } else {
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) dq[r][c] += w[r] * kv;
-          }
+          add_weighted(dq, c, w, sK[jj * (d + 1) + col], pair_tile);
         }
       }
     }
