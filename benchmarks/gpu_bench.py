@@ -95,6 +95,24 @@ def _sdpa_backends():
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
+def _time_impls(res, case, pass_, calls, flops):
+    """Times each no-argument callable of `calls` (impl -> call) and records it as soon as it is measured
+    (an implementation that does not take the input is reported and skipped); then the fastest SDPA
+    backend again as impl "sdpa", its name in the case."""
+    best = None
+    for impl, call in calls.items():
+        try:
+            ms = time_ms(call)
+        except Exception as e:  # a backend that does not take this input
+            print(f"{impl} {case} {pass_}: not run ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            continue
+        res.add("attention", case, impl, pass_, ms, flops=flops)
+        if impl.startswith("sdpa-") and (best is None or ms < best[1]):
+            best = (impl, ms)
+    if best is not None:
+        res.add("attention", case + f" [{best[0][5:]}]", "sdpa", pass_, best[1], flops=flops)
+
+
 def attention(res, dtype, deadline):
     import vae_ext
     from torch.nn.attention import sdpa_kernel
@@ -140,31 +158,20 @@ def attention(res, dtype, deadline):
                     impls["reference"] = lambda q, k, v: reference.masked_attention(
                         q, k, v, key_padding_mask=kpm, is_causal=causal)
                 for pass_ in ("fwd", "fwd+bwd"):
-                    best = None
+                    calls = {}
                     for impl, fn in impls.items():
                         if pass_ == "fwd":
                             def call(fn=fn):
                                 with torch.no_grad():
                                     fn(q, k, v)
-                            flops = fwd_flops
                         else:
                             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
                             grad = torch.randn_like(q)
 
                             def call(fn=fn, qg=qg, kg=kg, vg=vg, grad=grad):
                                 torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
-                            flops = int(3.5 * fwd_flops)
-                        try:
-                            ms = time_ms(call)
-                        except Exception as e:  # a backend that does not take this input
-                            print(f"{impl} {case} {pass_}: not run ({type(e).__name__}: {str(e)[:120]})", flush=True)
-                            continue
-                        res.add("attention", case, impl, pass_, ms, flops=flops)
-                        if impl.startswith("sdpa-") and (best is None or ms < best[1]):
-                            best = (impl, ms)
-                    if best is not None:
-                        res.add("attention", case + f" [{best[0][5:]}]", "sdpa", pass_, best[1],
-                                flops=fwd_flops if pass_ == "fwd" else int(3.5 * fwd_flops))
+                        calls[impl] = call
+                    _time_impls(res, case, pass_, calls, fwd_flops if pass_ == "fwd" else int(3.5 * fwd_flops))
                 q = k = v = kpm = None  # free before the next size
                 torch.cuda.empty_cache()
 
@@ -183,25 +190,16 @@ def attention_sd_vae(res, deadline):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, 1, s, 512, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         case = f"SD VAE mid-block B1 H1 S{s} D512 bf16"
-        impls = {"fused": lambda: vae_ext.masked_attention(q, k, v)}
+        def fused():
+            with torch.no_grad():
+                vae_ext.masked_attention(q, k, v)
+        impls = {"fused": fused}
         for name, backend in _sdpa_backends().items():
             def sd(backend=backend):
-                with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel([backend]), torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v)
             impls[f"sdpa-{name}"] = sd
-        best = None
-        for impl, fn in impls.items():
-            try:
-                with torch.no_grad():
-                    ms = time_ms(fn)
-            except Exception as e:
-                print(f"{impl} {case}: not run ({type(e).__name__}: {str(e)[:120]})", flush=True)
-                continue
-            res.add("attention", case, impl, "fwd", ms, flops=4 * s * s * 512)
-            if impl.startswith("sdpa-") and (best is None or ms < best[1]):
-                best = (impl, ms)
-        if best is not None:
-            res.add("attention", case + f" [{best[0][5:]}]", "sdpa", "fwd", best[1], flops=4 * s * s * 512)
+        _time_impls(res, case, "fwd", impls, 4 * s * s * 512)
         q = k = v = None
         torch.cuda.empty_cache()
 
