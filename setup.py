@@ -71,13 +71,13 @@ def make_extension():
         f'-DVAE_EXT_BUILT_WITH_TORCH="{torch.__version__}"',
         "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT",
     ] + [f"-DVAE_EXT_HAVE_CPU_{c}" for c in caps]
-    cpu_arch = ",".join(["default"] + [c.lower() for c in caps])
+    cpu_caps = ",".join(["default"] + [c.lower() for c in caps])
     cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-interference-size"] + defines
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="vae_ext._C", include_dirs=include_dirs, extra_link_args=["-fopenmp"])
 
     if not with_cuda:
-        print(f"vae_ext: building the CPU kernels only (CPU capabilities: {cpu_arch})", flush=True)
+        print(f"vae_ext: building the CPU kernels only (CPU capabilities: {cpu_caps})", flush=True)
         ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
         ext.cpu_capabilities = caps
         return ext
@@ -88,7 +88,7 @@ def make_extension():
     cuda_defines = ["-DVAE_EXT_WITH_CUDA", f'-DVAE_EXT_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xfatbin", "-compress-all",
             "-DVAE_EXT_WITH_CUDA"]
-    print(f"vae_ext: building CPU and CUDA kernels (CUDA {cuda_home}, archs {archs}, CPU capabilities: {cpu_arch})",
+    print(f"vae_ext: building CPU and CUDA kernels (CUDA {cuda_home}, archs {archs}, CPU capabilities: {cpu_caps})",
           flush=True)
     ext = cpp_extension.CUDAExtension(
         sources=sources, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc}, **kwargs)
