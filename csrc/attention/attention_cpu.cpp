@@ -127,6 +127,27 @@ constexpr T neg_inf() {
 
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+struct VecExp {
+  template <typename T>
+  Vec<T> operator()(const Vec<T>& x) const {
+    return vexp(x);
+  }
+};
+
+}  // namespace
+
+// attention_math.h's primitives on a vector of lanes.
+VAE_EXT_CPU_NS_BEGIN
+template <typename T>
+struct AttentionMath<Vec<T>> {
+  using scalar = T;
+  static Vec<T> select_eq(const Vec<T>& x, const Vec<T>& c, const Vec<T>& a, const Vec<T>& b) {
+    return Vec<T>::blendv(b, a, x == c);
+  }
+};
+VAE_EXT_CPU_NS_END
+
+namespace {
 
 // ---------------------------------------------------------------- tile products
 
@@ -324,13 +345,7 @@ inline T exp_sub_sum(T* x, int64_t n, T sub) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
 
-// x[j] = exp(x[j] - sub), no sum; exactly 0 where x[j] = -inf (a hidden pair) even when
-// sub is NaN (the lse of a row that saw a NaN score): NaN flows along visible pairs only.
-template <typename T>
-inline Vec<T> exp_sub_hidden0(const Vec<T>& x, const Vec<T>& vs, const Vec<T>& vninf) {
-  return Vec<T>::blendv(vexp(x - vs), Vec<T>(T(0)), x == vninf);
-}
-
+// x[j] = exp(x[j] - lse) (softmax_prob_from_lse): exactly 0 where x[j] = -inf (a hidden pair).
 template <typename T>
 inline void exp_sub(T* x, int64_t n, T sub) {
   if (sub != sub) {  // a NaN row: NaN at every visible pair (the fast vector exp need not keep a NaN)
@@ -340,8 +355,10 @@ inline void exp_sub(T* x, int64_t n, T sub) {
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vs(sub), vninf(neg_inf<T>());
   int64_t j = 0;
-  for (; j + L <= n; j += L) exp_sub_hidden0(Vec<T>::loadu(x + j), vs, vninf).store(x + j);
-  if (j < n) exp_sub_hidden0(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, vninf).store(x + j, n - j);
+  for (; j + L <= n; j += L) softmax_prob_from_lse(Vec<T>::loadu(x + j), vs, VecExp{}).store(x + j);
+  if (j < n) {
+    softmax_prob_from_lse(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, VecExp{}).store(x + j, n - j);
+  }
 }
 
 template <typename T>
@@ -680,14 +697,14 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     for (int64_t r = 0; r < mq; ++r) {
       acc_t* srow = s + r * bk;
       SoftmaxRow<acc_t>& st = ws.rows[r];
-      const acc_t factor = online_softmax_rescale(st, row_max(srow, nk));
+      const auto step = online_softmax_step(st.max, st.sum, softmax_new_max(st.max, row_max(srow, nk)), NaturalExp{});
       if (st.max == neg_inf<acc_t>()) {  // nothing visible in this row yet
         std::fill(srow, srow + nk, acc_t(0));
         continue;
       }
       any_visible = true;
-      if (with_out && factor != acc_t(1)) scale_row(ws.acc.data() + r * D, D, factor);
-      st.sum += exp_sub_sum(srow, nk, st.max);
+      if (with_out && step.factor != acc_t(1)) scale_row(ws.acc.data() + r * D, D, step.factor);
+      st.sum += exp_sub_sum(srow, nk, step.ref);
     }
     if (!with_out || !any_visible) continue;
     if (pr.dropout) {
@@ -928,15 +945,11 @@ void backward_impl(const AttentionBackwardParams& bp) {
           } else {
             gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
           }
-          // dS = P * (dP - delta), in place of dP; 0 where P is 0 (softmax_grad: no NaN
-          // from a hidden key's value or a NaN row's delta through a hidden pair)
+          // dS = softmax_grad(P, dP, delta), in place of dP
           for (int64_t r = 0; r < mq; ++r) {
-            const Vec<acc_t> vd(delta[r]), zero(acc_t(0));
-            at::vec::map2<acc_t>(
-                [vd, zero](Vec<acc_t> pv, Vec<acc_t> dpv) {
-                  return Vec<acc_t>::blendv(pv * (dpv - vd), zero, pv == zero);
-                },
-                dpb + r * bk, s + r * bk, dpb + r * bk, nk);
+            const Vec<acc_t> vd(delta[r]);
+            at::vec::map2<acc_t>([vd](Vec<acc_t> pv, Vec<acc_t> dpv) { return softmax_grad(pv, dpv, vd); },
+                                 dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
           // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
           gemm_or_skip<acc_t>(nan_q, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);

@@ -415,22 +415,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) attn_fwd_kernel(const Attention
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * hf], acc_s[mt][nt][2 * hf + 1]));
         mx = quad_max(mx);
-        // A row that has seen no visible key keeps max -inf; exp2 against 0 then gives 0 everywhere.
-        const float ref = softmax_exp_reference(mx);
-        const float alpha = exp2_fast(row_max[mt][hf] - ref);
-        row_max[mt][hf] = mx;
+        // attention_math.h: a row that has seen no visible key keeps max -inf, its weights are 0.
+        const SoftmaxStep<float> step = online_softmax_step(row_max[mt][hf], row_sum[mt][hf], mx, Exp2Fast{});
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
-          acc_s[mt][nt][2 * hf] = exp2_fast(acc_s[mt][nt][2 * hf] - ref);
-          acc_s[mt][nt][2 * hf + 1] = exp2_fast(acc_s[mt][nt][2 * hf + 1] - ref);
+          acc_s[mt][nt][2 * hf] = exp2_fast(acc_s[mt][nt][2 * hf] - step.ref);
+          acc_s[mt][nt][2 * hf + 1] = exp2_fast(acc_s[mt][nt][2 * hf + 1] - step.ref);
           sum += acc_s[mt][nt][2 * hf] + acc_s[mt][nt][2 * hf + 1];
         }
-        row_sum[mt][hf] = row_sum[mt][hf] * alpha + sum;
+        row_sum[mt][hf] += sum;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
-          acc_o[mt][dt][2 * hf] *= alpha;
-          acc_o[mt][dt][2 * hf + 1] *= alpha;
+          acc_o[mt][dt][2 * hf] *= step.factor;
+          acc_o[mt][dt][2 * hf + 1] *= step.factor;
         }
       }
     }
@@ -622,13 +620,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = nt * 8 + 2 * t + (e & 1);  // query, local to the tile
-        float s = acc_s[0][nt][e] * scale_log2;
-        bool vis = key_ok[e >> 1];
-        if (vis && pairs) {
-          s = masked_score(s, mask.pair_term(m0 + il, key0 + g + (e >> 1) * 8));
-          vis = s != -INFINITY;
-        }
-        acc_s[0][nt][e] = vis ? exp2_fast(s - sLseb[il]) : 0.f;
+        float s = key_ok[e >> 1] ? acc_s[0][nt][e] * scale_log2 : -INFINITY;
+        if (key_ok[e >> 1] && pairs) s = masked_score(s, mask.pair_term(m0 + il, key0 + g + (e >> 1) * 8));
+        acc_s[0][nt][e] = softmax_prob_from_lse(s, sLseb[il], Exp2Fast{});
       }
     }
 
@@ -843,13 +837,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float s = acc_s[0][nt][e] * scale_log2;
-        bool vis = col_ok[e & 1];
-        if (vis && pairs) {
+        float s = col_ok[e & 1] ? acc_s[0][nt][e] * scale_log2 : -INFINITY;
+        if (col_ok[e & 1] && pairs) {
           s = masked_score(s, mask.pair_term(row_first + g + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1)));
-          vis = s != -INFINITY;
         }
-        acc_s[0][nt][e] = vis ? exp2_fast(s - lse2[e >> 1]) : 0.f;
+        acc_s[0][nt][e] = softmax_prob_from_lse(s, lse2[e >> 1], Exp2Fast{});
       }
     }
 

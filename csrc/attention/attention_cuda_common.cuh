@@ -37,6 +37,10 @@ VAE_DEV float exp2_fast(float x) {
   return y;
 #endif
 }
+// exp2_fast as the Exp of attention_math.h's formulas (scores in the log2 domain).
+struct Exp2Fast {
+  VAE_DEV float operator()(float x) const { return exp2_fast(x); }
+};
 
 VAE_DEV float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));

@@ -1,7 +1,9 @@
 // Per-element math of masked_attention shared by the CPU and CUDA kernels: the
-// dropout stream and predicate, the online-softmax update, the row finalisation
-// (out scale and log-sum-exp, +inf for a row that sees no key) and the backward's
-// probability recomputation. See csrc/attention/attention.h for the contract.
+// dropout stream and predicate, the mask term, the online-softmax step, the row
+// finalisation (out scale and log-sum-exp, +inf for a row that sees no key) and the
+// backward's probability recomputation and softmax gradient. The kernels keep only
+// their reductions (vector, quad and warp) and tiling. See csrc/attention/attention.h
+// for the contract.
 #pragma once
 
 #include <cmath>
@@ -42,6 +44,28 @@ VAE_HD T masked_score(T score, T term) {
   return term == -std::numeric_limits<T>::infinity() ? term : score + term;
 }
 
+// ---------------------------------------------------------------- primitives
+
+// The formulas below are templates over the value type V: the CUDA kernels use them
+// with float, the CPU kernel with float / double and with at::vec::Vectorized (a
+// whole row chunk at once; that specialisation is in attention_cpu.cpp). The exp is
+// a parameter: the CPU takes it in the natural domain (NaturalExp, or the vector
+// exp), the CUDA kernels in the log2 domain (exp2, the scale folded into log2 e),
+// so scores, maxima and lse are in that domain there; every rule is the same.
+template <typename V>
+struct AttentionMath {  // scalars
+  using scalar = V;
+  // x == c ? a : b
+  static VAE_HD V select_eq(V x, V c, V a, V b) { return x == c ? a : b; }
+};
+
+struct NaturalExp {
+  template <typename T>
+  VAE_HD T operator()(T x) const {
+    return exp_(x);
+  }
+};
+
 // ---------------------------------------------------------------- online softmax
 
 // Running state of one query row: the largest score seen so far (-inf before
@@ -52,33 +76,41 @@ struct SoftmaxRow {
   acc_t sum;
 };
 
-// Folds a tile whose largest score is tile_max into the running row state and
-// returns the factor by which the row's previous sum and output accumulator must
-// be multiplied; state.max becomes the new reference for exp(score - max). A row
-// that has still seen no key keeps max = -inf and gets the factor 1 (nothing to
-// rescale): callers must then treat every probability of the tile as 0.
-// NaN: a NaN tile_max (a visible score is NaN; the tile max must propagate NaN)
-// becomes the row's max, so the factor, the sum and every exp(score - max) are
-// NaN: the row's output and lse are NaN, as softmax gives. (`tile_max > max`
-// would be false for NaN and take the tile for "nothing visible".) Once the sum
-// is NaN it stays NaN whatever later tiles hold.
+// The running max after a tile whose largest score is tile_max. A NaN tile_max
+// (a visible score is NaN) wins, so the row's output and lse are NaN, as softmax
+// gives. (`tile_max > max` would be false for NaN.) The CUDA kernels reduce with
+// fmaxf, which drops a NaN; the NaN still reaches the row through its exp.
 template <typename acc_t>
-VAE_HD acc_t online_softmax_rescale(SoftmaxRow<acc_t>& state, acc_t tile_max) {
-  const acc_t new_max = !(tile_max <= state.max) ? tile_max : state.max;  // = max(), NaN tile_max wins
-  if (new_max == -std::numeric_limits<acc_t>::infinity()) return acc_t(1);
-  const acc_t factor = exp_(state.max - new_max);  // exp(-inf) = 0 for the first visible tile
-  state.max = new_max;
-  state.sum *= factor;
-  return factor;
+VAE_HD acc_t softmax_new_max(acc_t row_max, acc_t tile_max) {
+  return !(tile_max <= row_max) ? tile_max : row_max;
 }
 
 // The reference the exp of a tile's scores is taken against: the row's max, or 0 while
 // the row has seen no visible key (max = -inf), so that every weight of such a row is
-// exp(-inf) = 0 and no -inf - (-inf) = NaN arises. (The CUDA kernels keep max and scores
-// in the log2 domain, scale folded into log2(e); the rule is the same.)
+// exp(-inf) = 0 and no -inf - (-inf) = NaN arises.
 template <typename acc_t>
 VAE_HD acc_t softmax_exp_reference(acc_t row_max) {
   return row_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : row_max;
+}
+
+// One online-softmax step: the row's max becomes new_max (the max over the row so
+// far and the new tile); the row's sum is multiplied by factor = exp(old max - ref),
+// and so must the row's output accumulator be; the tile's weights are then
+// exp(score - ref), to be added to the sum. For a row that has seen no key, ref = 0
+// and factor = 0 on a sum and accumulator that are 0. Once max or sum is NaN it stays
+// NaN whatever later tiles hold.
+template <typename acc_t>
+struct SoftmaxStep {
+  acc_t ref;
+  acc_t factor;
+};
+template <typename acc_t, typename Exp>
+VAE_HD SoftmaxStep<acc_t> online_softmax_step(acc_t& row_max, acc_t& row_sum, acc_t new_max, Exp exp) {
+  const acc_t ref = softmax_exp_reference(new_max);
+  const acc_t factor = exp(row_max - ref);  // exp(-inf) = 0 for the first visible tile
+  row_max = new_max;
+  row_sum *= factor;
+  return {ref, factor};
 }
 
 // After the last tile: the factor that turns the output accumulator into the
@@ -106,12 +138,26 @@ VAE_HD acc_t softmax_lse(const SoftmaxRow<acc_t>& state) {
   return softmax_lse(state.max, state.sum, acc_t(1));
 }
 
+// ---------------------------------------------------------------- backward
+
+// P = exp(score - lse), recomputed from the saved lse; exactly 0 for a hidden pair
+// (score = -inf) even when lse is +inf (a row that saw no key) or NaN (a row that saw
+// a NaN score): NaN flows along visible pairs only.
+template <typename V, typename Exp>
+VAE_HD V softmax_prob_from_lse(V score, V lse, Exp exp) {
+  using M = AttentionMath<V>;
+  using S = typename M::scalar;
+  return M::select_eq(score, V(-std::numeric_limits<S>::infinity()), V(S(0)), exp(score - lse));
+}
+
 // dS = P * (dP - delta), delta = rowsum(dO * O): the softmax backward of one element;
 // exactly 0 where P is 0 (a hidden pair) even when dP or delta is NaN (a NaN value of a
 // hidden key, the delta of a NaN row): NaN flows along visible pairs only.
-template <typename acc_t>
-VAE_HD acc_t softmax_grad(acc_t prob, acc_t dprob, acc_t delta) {
-  return prob == acc_t(0) ? acc_t(0) : prob * (dprob - delta);
+template <typename V>
+VAE_HD V softmax_grad(V prob, V dprob, V delta) {
+  using M = AttentionMath<V>;
+  using S = typename M::scalar;
+  return M::select_eq(prob, V(S(0)), V(S(0)), prob * (dprob - delta));
 }
 
 VAE_EXT_CPU_NS_END

@@ -112,16 +112,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const Attention
         if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
       }
       const float mx = warp_max(fmaxf(row_max[r], s2));
-      const float ref = softmax_exp_reference(mx);
-      const float alpha = exp2_fast(row_max[r] - ref);
-      row_max[r] = mx;
-      const float pr = exp2_fast(s2 - ref);
-      row_sum[r] = row_sum[r] * alpha + pr;
+      const SoftmaxStep<float> step = online_softmax_step(row_max[r], row_sum[r], mx, Exp2Fast{});
+      const float pr = exp2_fast(s2 - step.ref);
+      row_sum[r] += pr;
       float pd = pr;
       if (drop.enabled) pd = drop.keep(word_of(drop.block(i, j / 4), j % 4)) ? pr * drop.inv_keep : 0.f;
       p_s[r * kTile + lane] = pd;
 #pragma unroll
-      for (int c = 0; c < Chunks; ++c) o[r][c] *= alpha;
+      for (int c = 0; c < Chunks; ++c) o[r][c] *= step.factor;
     }
     __syncwarp();
     const int keys = min(kTile, n_end - n0);
@@ -233,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const Attent
       if (key_vis) {
         float s2 = s[r] * scale_log2;
         if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
-        pr = s2 == -INFINITY ? 0.f : exp2_fast(s2 - lse2[r]);
+        pr = softmax_prob_from_lse(s2, lse2[r], Exp2Fast{});
       }
       float dpv = dp[r];
       if (drop.enabled) dpv = drop.keep(word_of(drop.block(i, j / 4), j % 4)) ? dpv * drop.inv_keep : 0.f;
@@ -361,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Atte
         if (key_vis[r]) {
           float s2 = s[r] * scale_log2;
           if (mask.has_pair_mask()) s2 = masked_score(s2, mask.pair_term(i, j));
-          pr = s2 == -INFINITY ? 0.f : exp2_fast(s2 - sLse[lane]);
+          pr = softmax_prob_from_lse(s2, sLse[lane], Exp2Fast{});
         }
         float pd = pr, dpv = dp[r];
         if (drop.enabled) {
