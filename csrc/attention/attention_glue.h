@@ -1,8 +1,11 @@
-// masked_attention: the part of the torch glue that checks the inputs, derives
-// the per-batch key lengths and the mask view, and fills the params structs. It
-// is shared by attention.cpp (which allocates and launches the CPU or CUDA
-// kernels) and by the emulated CUDA tests (tests/cuda_emu/attention_ops.cpp), so
-// those tests run the kernels on exactly the params production fills.
+// masked_attention: the torch half of the glue, shared by the extension
+// (attention.cpp, which launches the CPU or CUDA kernels) and by the emulated CUDA
+// tests (tests/cuda_emu/attention_ops.cpp), so those tests run the kernels on
+// exactly the params production fills. check_and_prepare checks the inputs and
+// derives the layouts, the per-batch key lengths and the mask view on the inputs'
+// device; prepare_forward / prepare_backward check the backward's extra inputs,
+// allocate the outputs through the caller's Memory (common/glue_memory.h) and fill
+// the params structs. ATen only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,16 +16,19 @@
 
 #include "attention/attention.h"
 #include "attention/attention_math.h"
+#include "common/glue_memory.h"
 #include "common/torch_utils.h"
 
 namespace vae_ext::attention_glue {
 
+using glue::Memory;
+
 // The kernels read (B, H, S, D) tensors through their strides with a contiguous
 // last dim and rows at least D apart (the tile products need a proper leading dim).
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  const bool ok = t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) >= t.size(3));
-  return ok ? t : t.contiguous();
+inline bool rows_readable(const at::Tensor& t) {
+  return t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) >= t.size(3));
 }
+inline at::Tensor rows_contiguous(const at::Tensor& t) { return rows_readable(t) ? t : t.contiguous(); }
 
 // The row stride the kernels see: a single row may carry any stride (even 0),
 // but the tile products need a leading dimension of at least D.
@@ -171,5 +177,79 @@ inline AttentionBackwardParams make_backward_params(const Inputs& in, const at::
   bp.workspace = nullptr;
   return bp;
 }
+
+// One masked_attention_forward call: the params and the outputs they point into.
+struct ForwardCall {
+  AttentionParams params{};
+  at::Tensor out;        // (B, H, Sq, D), q's dtype
+  at::Tensor lse;        // (B, H, Sq) float32
+  at::Tensor rng_state;  // (2,) int64: the dropout stream's (seed, offset); zeros without dropout
+};
+
+inline ForwardCall prepare_forward(const Inputs& in, bool is_causal, double scale, double dropout_p, const char* op,
+                                   bool causal_lower_right, const Memory& mem) {
+  const int64_t B = in.q.size(0), H = in.q.size(1), Sq = in.q.size(2), D = in.q.size(3);
+  ForwardCall c;
+  c.out = mem.empty({B, H, Sq, D}, in.q.scalar_type());
+  c.lse = mem.empty({B, H, Sq}, at::kFloat);
+  c.rng_state = mem.empty({2}, at::kLong);
+  c.rng_state.zero_();
+  c.params = make_params(in, c.out, c.lse, is_causal, scale, dropout_p, op, causal_lower_right);
+  c.params.rng_state = c.rng_state.data_ptr<int64_t>();
+  return c;
+}
+
+// One masked_attention_backward call: the params, the saved tensors as the kernels
+// read them, and the gradients and delta they write (every element, on both devices).
+struct BackwardCall {
+  AttentionBackwardParams params{};
+  at::Tensor dout, out, lse, rng_state;
+  at::Tensor dq, dk, dv;  // of q's, k's, v's shapes
+  at::Tensor delta;       // (B, H, Sq) float32
+};
+
+inline BackwardCall prepare_backward(const Inputs& in, const at::Tensor& grad_out, const at::Tensor& out,
+                                     const at::Tensor& lse, const at::Tensor& rng_state, bool is_causal, double scale,
+                                     double dropout_p, const char* op, bool causal_lower_right, const Memory& mem) {
+  const at::Tensor& q = in.q;
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = in.k.size(1), Sk = in.k.size(2);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have the shape of q ", q.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have the dtype of q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H &&
+                  lse.size(2) == Sq,
+              op, ": lse must be float32 (B, H, Sq)");
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2, op, ": rng_state must be int64 (2,)");
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device() &&
+                  rng_state.device() == q.device(),
+              op, ": all tensors must be on the device of q");
+  BackwardCall c;
+  c.dout = rows_readable(grad_out) ? grad_out : mem.contiguous(grad_out);
+  c.out = mem.contiguous(out);
+  c.lse = mem.contiguous(lse);
+  c.rng_state = mem.contiguous(rng_state);
+  c.dq = mem.empty({B, H, Sq, D}, q.scalar_type());
+  c.dk = mem.empty({B, Hkv, Sk, D}, q.scalar_type());
+  c.dv = mem.empty({B, Hkv, Sk, D}, q.scalar_type());
+  c.delta = mem.empty({B, H, Sq}, at::kFloat);
+  c.params = make_backward_params(in, c.dout, c.out, c.lse, c.rng_state, c.dq, c.dk, c.dv, c.delta, is_causal, scale,
+                                  dropout_p, op, causal_lower_right);
+  return c;
+}
+
+#ifdef VAE_EXT_WITH_CUDA
+// The CUDA backward's scratch (attention_backward_cuda_workspace_bytes, uninitialised),
+// attached to the params once bp.deterministic is set; the tensor must live until the
+// kernels have run. Undefined when none is needed.
+inline at::Tensor attach_cuda_workspace(AttentionBackwardParams& bp, const Memory& mem) {
+  const size_t bytes = attention_backward_cuda_workspace_bytes(bp);
+  if (bytes == 0) return at::Tensor();
+  at::Tensor workspace = mem.empty({static_cast<int64_t>(bytes)}, at::kByte);
+  bp.workspace = workspace.data_ptr();
+  return workspace;
+}
+#endif
 
 }  // namespace vae_ext::attention_glue

@@ -20,20 +20,7 @@
 namespace vae_ext {
 namespace {
 
-// The allocator of the tensors' device.
-class AtenMemory final : public elbo_glue::Memory {
- public:
-  explicit AtenMemory(at::Device device) : device_(device) {}
-  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) const override {
-    return at::empty(sizes, at::TensorOptions().device(device_).dtype(dtype));
-  }
-  at::Tensor contiguous(const at::Tensor& t, at::ScalarType dtype) const override {
-    return t.to(dtype).contiguous();
-  }
-
- private:
-  at::Device device_;
-};
+using glue::AtenMemory;
 
 elbo_glue::ForwardResult elbo_forward_impl(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
                                            const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,

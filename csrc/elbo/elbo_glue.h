@@ -5,7 +5,7 @@
 // prior shared by the batch read in place with row stride 0), allocates the
 // outputs and the gradient buffers that were asked for, and fills the params
 // struct. ATen only (no CUDA or torch-CUDA headers); the caller says where memory
-// comes from (Memory) and launches the kernels.
+// comes from (common/glue_memory.h) and launches the kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,21 +19,13 @@
 #include <utility>
 #include <vector>
 
+#include "common/glue_memory.h"
 #include "common/torch_utils.h"
 #include "elbo/elbo.h"
 
 namespace vae_ext::elbo_glue {
 
-// The allocator of the device the kernels run on.
-class Memory {
- public:
-  virtual ~Memory() = default;
-  // An uninitialised contiguous tensor.
-  virtual at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) const = 0;
-  // t itself when it is contiguous and of `dtype`, else a contiguous copy of it in `dtype`.
-  virtual at::Tensor contiguous(const at::Tensor& t, at::ScalarType dtype) const = 0;
-  at::Tensor contiguous(const at::Tensor& t) const { return contiguous(t, t.scalar_type()); }
-};
+using glue::Memory;
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor>;

@@ -1,12 +1,13 @@
-// reparameterize: the torch glue. Checks what the kernels assume, allocates,
-// fills the params struct and launches the CPU or CUDA kernel.
+// reparameterize: the torch glue. reparameterize_glue.h checks what the kernels
+// assume, allocates the output and fills the params struct (the same code fills
+// them for the emulated CUDA kernel of tests/cuda_emu/reparameterize_ops.cpp);
+// here the CPU or CUDA kernel is launched.
 #include "reparameterize/reparameterize.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <tuple>
-#include <vector>
 
 #include "common/torch_utils.h"
 #include "reparameterize/reparameterize_glue.h"
@@ -19,72 +20,44 @@
 namespace vae_ext {
 namespace {
 
-void check_forward_inputs(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
-                          int64_t num_samples) {
-  TORCH_CHECK(mu.sizes() == logvar.sizes(), "reparameterize: logvar must have the shape of mu ", mu.sizes(),
-              ", got ", logvar.sizes());
-  TORCH_CHECK(mu.scalar_type() == logvar.scalar_type(), "reparameterize: logvar dtype ", logvar.scalar_type(),
-              " differs from mu dtype ", mu.scalar_type());
-  TORCH_CHECK(mu.device() == logvar.device(), "reparameterize: mu and logvar are on different devices");
-  TORCH_CHECK(num_samples >= 1, "reparameterize: num_samples must be >= 1, got ", num_samples);
-  if (eps.has_value()) {
-    std::vector<int64_t> shape{num_samples};
-    shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
-    TORCH_CHECK(eps->sizes() == at::IntArrayRef(shape), "reparameterize: eps must have shape ", at::IntArrayRef(shape),
-                ", got ", eps->sizes());
-    TORCH_CHECK(eps->scalar_type() == mu.scalar_type(), "reparameterize: eps dtype must match mu");
-    TORCH_CHECK(eps->device() == mu.device(), "reparameterize: eps must be on the device of mu");
-  }
-}
+using glue::AtenMemory;
 
 at::Tensor reparameterize_impl(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
                                int64_t num_samples, std::optional<int64_t> seed,
                                const std::optional<at::Generator>& generator) {
-  check_forward_inputs(mu, logvar, eps, num_samples);
-  const at::Tensor mu_c = mu.contiguous();
-  const at::Tensor logvar_c = logvar.contiguous();
-  const at::Tensor eps_c = eps.has_value() ? eps->contiguous() : at::Tensor();
-  std::vector<int64_t> shape{num_samples};
-  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor out = at::empty(shape, mu.options());
-
-  ReparameterizeParams p = make_reparameterize_params(out, mu_c, logvar_c, eps_c);
+  reparameterize_glue::ForwardCall call =
+      reparameterize_glue::prepare_forward(mu, logvar, eps, num_samples, AtenMemory(mu.device()));
+  ReparameterizeParams& p = call.params;
   if (mu.is_cuda()) {
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());
-    if (!eps_c.defined()) p.philox = philox_state_cuda(seed, generator, 4);
+    if (p.eps == nullptr) p.philox = philox_state_cuda(seed, generator, 4);
     reparameterize_forward_cuda(p, at::cuda::getCurrentCUDAStream());
+#else
+    TORCH_CHECK(false, "reparameterize: this build has no CUDA kernels");
 #endif
   } else {
-    if (!eps_c.defined()) p.philox = philox_state_cpu(seed, generator);
+    if (p.eps == nullptr) p.philox = philox_state_cpu(seed, generator);
     VAE_EXT_CPU_DISPATCH(reparameterize_forward_cpu, p);
   }
-  return out;
+  return call.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward_impl(const at::Tensor& grad_z, const at::Tensor& z,
                                                                 const at::Tensor& mu) {
-  TORCH_CHECK(grad_z.sizes() == z.sizes(), "reparameterize_backward: grad_z must have the shape of z");
-  TORCH_CHECK(z.dim() == mu.dim() + 1 && z.sizes().slice(1) == mu.sizes(),
-              "reparameterize_backward: z must have shape (num_samples, *mu.shape)");
-  TORCH_CHECK(grad_z.scalar_type() == mu.scalar_type() && z.scalar_type() == mu.scalar_type(),
-              "reparameterize_backward: dtypes differ");
-  const at::Tensor grad_c = grad_z.contiguous();
-  const at::Tensor z_c = z.contiguous();
-  const at::Tensor mu_c = mu.contiguous();
-  at::Tensor grad_mu = at::empty_like(mu_c);
-  at::Tensor grad_logvar = at::empty_like(mu_c);
-
-  const ReparameterizeBackwardParams p = make_reparameterize_backward_params(grad_mu, grad_logvar, grad_c, z_c, mu_c);
+  const reparameterize_glue::BackwardCall call =
+      reparameterize_glue::prepare_backward(grad_z, z, mu, AtenMemory(mu.device()));
   if (mu.is_cuda()) {
 #ifdef VAE_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(mu.device());
-    reparameterize_backward_cuda(p, at::cuda::getCurrentCUDAStream());
+    reparameterize_backward_cuda(call.params, at::cuda::getCurrentCUDAStream());
+#else
+    TORCH_CHECK(false, "reparameterize_backward: this build has no CUDA kernels");
 #endif
   } else {
-    VAE_EXT_CPU_DISPATCH(reparameterize_backward_cpu, p);
+    VAE_EXT_CPU_DISPATCH(reparameterize_backward_cpu, call.params);
   }
-  return {grad_mu, grad_logvar};
+  return {call.grad_mu, call.grad_logvar};
 }
 
 }  // namespace

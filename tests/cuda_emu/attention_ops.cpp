@@ -1,7 +1,7 @@
 // Glue of csrc/attention/attention_cuda.cu: the masked_attention CUDA entry points,
 // run under the CPU emulation, as vae_ext_emu ops on CPU tensors. The inputs are
 // checked and the params filled by the production glue (attention/attention_glue.h),
-// over copies of the tensors in emulated device memory.
+// over copies of the tensors in emulated device memory, allocating through it.
 #include <ATen/ops/empty.h>
 
 #include <tuple>
@@ -40,18 +40,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     int64_t offset, bool seed_in_device_memory, bool pass_padding_mask, int64_t misalign, bool causal_lower_right) {
   const Inputs in = device_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, pass_padding_mask, misalign,
                                   "attention_forward");
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
-  at::Tensor out = device_empty({B, H, Sq, D}, q.scalar_type());
-  at::Tensor lse = device_empty({B, H, Sq}, at::kFloat);
-  at::Tensor rng_state = device_empty({2}, at::kLong);
-  rng_state.zero_();
   at::Tensor gen_state = device_empty({2}, at::kLong);  // a generator's graph-safe (seed, offset)
   gen_state.mutable_data_ptr<int64_t>()[0] = seed;
   gen_state.mutable_data_ptr<int64_t>()[1] = offset;
 
-  AttentionParams p = attention_glue::make_params(in, out, lse, is_causal, scale, dropout_p, "attention_forward",
-                                                  causal_lower_right);
-  p.rng_state = rng_state.mutable_data_ptr<int64_t>();
+  attention_glue::ForwardCall call = attention_glue::prepare_forward(in, is_causal, scale, dropout_p,
+                                                                     "attention_forward", causal_lower_right,
+                                                                     DeviceMemory());
+  AttentionParams& p = call.params;
   if (dropout_p > 0.0) {
     if (seed_in_device_memory) {
       p.philox.seed_ptr = gen_state.const_data_ptr<int64_t>();
@@ -62,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     }
   }
   attention_forward_cuda(p, nullptr);
-  return {out, lse, rng_state};
+  return {call.out, call.lse, call.rng_state};
 }
 
 // (dq, dk, dv, delta) of attention_backward_cuda.
@@ -76,24 +72,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor ddout = to_device_strided(attention_glue::rows_contiguous(grad_out), misalign);
   const at::Tensor dout_c = to_device(out.contiguous()), dlse = to_device(lse.contiguous()),
                    drng = to_device(rng_state.contiguous());
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
-  at::Tensor gq = device_empty({B, H, Sq, D}, q.scalar_type());
-  at::Tensor gk = device_empty({B, Hkv, Sk, D}, q.scalar_type());
-  at::Tensor gv = device_empty({B, Hkv, Sk, D}, q.scalar_type());
-  at::Tensor delta = device_empty({B, H, Sq}, at::kFloat);
-
-  AttentionBackwardParams bp = attention_glue::make_backward_params(
-      in, ddout, dout_c, dlse, drng, gq, gk, gv, delta, is_causal, scale, dropout_p, "attention_backward",
-      causal_lower_right);
+  const DeviceMemory mem;
+  attention_glue::BackwardCall call =
+      attention_glue::prepare_backward(in, ddout, dout_c, dlse, drng, is_causal, scale, dropout_p,
+                                       "attention_backward", causal_lower_right, mem);
+  AttentionBackwardParams& bp = call.params;
   bp.deterministic = deterministic;
-  const size_t bytes = attention_backward_cuda_workspace_bytes(bp);
-  at::Tensor workspace;
-  if (bytes > 0) {
-    workspace = device_empty({static_cast<int64_t>(bytes)}, at::kByte);  // uninitialised (0xFF)
-    bp.workspace = workspace.mutable_data_ptr();
-  }
+  const at::Tensor workspace = attention_glue::attach_cuda_workspace(bp, mem);  // uninitialised (0xFF)
   attention_backward_cuda(bp, nullptr);
-  return {gq, gk, gv, delta};
+  return {call.dq, call.dk, call.dv, call.delta};
 }
 
 int64_t attention_workspace_bytes(const at::Tensor& q, const at::Tensor& k, bool deterministic) {

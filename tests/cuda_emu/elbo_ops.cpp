@@ -20,19 +20,6 @@
 namespace vae_ext::emu_glue::elbo {
 namespace {
 
-// Emulated device memory as the glue's allocator: as a CUDA caching allocator, fresh
-// tensors start 16-byte aligned and uninitialised (here 0xFF bytes).
-class DeviceMemory final : public elbo_glue::Memory {
- public:
-  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) const override { return device_empty(sizes, dtype); }
-  at::Tensor contiguous(const at::Tensor& t, at::ScalarType dtype) const override {
-    if (t.is_contiguous() && t.scalar_type() == dtype) return t;  // already in device memory (see below)
-    at::Tensor out = device_empty(t.sizes(), dtype);
-    out.copy_(t);
-    return out;
-  }
-};
-
 int64_t misalign_of(const std::vector<int64_t>& misalign, size_t i) {
   return i < misalign.size() ? misalign[i] : 0;
 }

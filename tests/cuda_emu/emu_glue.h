@@ -23,6 +23,7 @@
 
 #include "cuda_emu_host.h"
 #include "common/dtype.h"
+#include "common/glue_memory.h"
 #include "common/torch_utils.h"
 
 namespace vae_ext::emu_glue {
@@ -67,6 +68,21 @@ inline std::optional<at::Tensor> to_device(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return to_device(*t);
 }
+
+// Emulated device memory as the glue's allocator (common/glue_memory.h): as a CUDA caching
+// allocator, fresh tensors start 16-byte aligned and uninitialised (here 0xFF bytes). The
+// glue is handed inputs already copied into device memory (with their strides and any
+// misalignment), so a contiguous one is used in place.
+class DeviceMemory final : public glue::Memory {
+ public:
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) const override { return device_empty(sizes, dtype); }
+  at::Tensor contiguous(const at::Tensor& t, at::ScalarType dtype) const override {
+    if (t.is_contiguous() && t.scalar_type() == dtype) return t;
+    at::Tensor out = device_empty(t.sizes(), dtype);
+    out.copy_(t);
+    return out;
+  }
+};
 
 inline DType dtype_of(const at::Tensor& t) { return to_dtype(t.scalar_type(), "vae_ext_emu"); }
 

@@ -1,7 +1,8 @@
 // Glue of csrc/reparameterize/reparameterize_cuda.cu: the reparameterize CUDA entry points, run
-// under the CPU emulation, as vae_ext_emu ops on CPU tensors.
+// under the CPU emulation, as vae_ext_emu ops on CPU tensors. The production glue
+// (reparameterize/reparameterize_glue.h) checks and fills the params over copies of the inputs in
+// emulated device memory, allocating through it.
 #include <tuple>
-#include <vector>
 
 #include "emu_glue.h"
 #include "reparameterize/reparameterize_glue.h"
@@ -13,18 +14,13 @@ namespace {
 // eps is drawn from Philox (seed, offset); with seed_in_device_memory the kernel reads seed and offset
 // through pointers, as under CUDA-graph capture.
 at::Tensor reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
-                           int64_t num_samples, int64_t seed, int64_t offset, bool seed_in_device_memory) {
-  TORCH_CHECK(mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(), "mu / logvar mismatch");
-  const at::Tensor d_mu = to_device(mu), d_logvar = to_device(logvar);
-  const std::optional<at::Tensor> d_eps = to_device(eps);
-  std::vector<int64_t> shape{num_samples};
-  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor out = device_empty(shape, mu.scalar_type());
+                                  int64_t num_samples, int64_t seed, int64_t offset, bool seed_in_device_memory) {
+  reparameterize_glue::ForwardCall call =
+      reparameterize_glue::prepare_forward(to_device(mu), to_device(logvar), to_device(eps), num_samples, DeviceMemory());
   at::Tensor rng = device_empty({2}, at::kLong);  // what a captured CUDA graph reads: seed, offset
   rng.mutable_data_ptr<int64_t>()[0] = seed;
   rng.mutable_data_ptr<int64_t>()[1] = offset;
-
-  ReparameterizeParams p = make_reparameterize_params(out, d_mu, d_logvar, d_eps.value_or(at::Tensor()));
+  ReparameterizeParams& p = call.params;
   if (seed_in_device_memory) {
     p.philox.seed_ptr = rng.const_data_ptr<int64_t>();
     p.philox.offset_ptr = rng.const_data_ptr<int64_t>() + 1;
@@ -33,16 +29,15 @@ at::Tensor reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar
     p.philox.offset = static_cast<uint64_t>(offset);
   }
   reparameterize_forward_cuda(p, nullptr);
-  return out;
+  return call.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& z,
-                                                    const at::Tensor& mu) {
-  const at::Tensor d_grad = to_device(grad_z), d_z = to_device(z), d_mu = to_device(mu);
-  at::Tensor grad_mu = device_empty(mu.sizes(), mu.scalar_type());
-  at::Tensor grad_logvar = device_empty(mu.sizes(), mu.scalar_type());
-  reparameterize_backward_cuda(make_reparameterize_backward_params(grad_mu, grad_logvar, d_grad, d_z, d_mu), nullptr);
-  return {grad_mu, grad_logvar};
+                                                           const at::Tensor& mu) {
+  const reparameterize_glue::BackwardCall call =
+      reparameterize_glue::prepare_backward(to_device(grad_z), to_device(z), to_device(mu), DeviceMemory());
+  reparameterize_backward_cuda(call.params, nullptr);
+  return {call.grad_mu, call.grad_logvar};
 }
 
 }  // namespace
