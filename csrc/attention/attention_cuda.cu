@@ -164,7 +164,7 @@ void run_preprocess(const AttentionBackwardParams& bp, const BwdWorkspace& ws, c
   const int64_t warps = static_cast<int64_t>(p.batch) * p.heads * rows;
   launch(attn_bwd_preprocess_kernel<T>, dim3(static_cast<unsigned>((warps + 7) / 8)), dim3(256), 0, stream, bp, ws,
          rows);
-  check_cuda(cudaGetLastError(), "attention backward preprocessing kernel");
+  check_launch("attention backward preprocessing kernel");
 }
 
 }  // namespace
@@ -219,8 +219,8 @@ void attention_backward_cuda(const AttentionBackwardParams& bp, CUstream_st* str
       if (ws.dq_accum != nullptr) {
         const int64_t n = static_cast<int64_t>(p.batch) * p.heads * p.q_len * p.head_dim;
         if (n > 0) {
-          launch(attn_bwd_convert_dq_kernel<T>, dim3(grid_blocks(n, 256)), dim3(256), 0, stream, bp, ws, n);
-          check_cuda(cudaGetLastError(), "attention backward dq conversion kernel");
+          launch(attn_bwd_convert_dq_kernel<T>, dim3(grid_size(n, 256)), dim3(256), 0, stream, bp, ws, n);
+          check_launch("attention backward dq conversion kernel");
         }
       }
     });

@@ -932,7 +932,7 @@ void run_fwd_tc(const AttentionParams& p, cudaStream_t stream) {
   check_cuda(set_max_dynamic_smem(kernel, Cfg::kSmemBytes), "attention forward: shared memory size");
   launch(kernel, dim3(p.batch * p.heads, m_blocks), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, in_vec_ok(p),
          vec_out);
-  check_cuda(cudaGetLastError(), "attention forward kernel");
+  check_launch("attention forward kernel");
 }
 
 template <typename T, int kD>
@@ -951,7 +951,7 @@ void run_bwd_tc(const AttentionBackwardParams& bp, const BwdWorkspace& ws, cudaS
     check_cuda(set_max_dynamic_smem(kernel, Cfg::kSmemBytes), "attention backward: shared memory size");
     launch(kernel, dim3(p.batch * p.kv_heads, n_blocks), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, bp, ws,
            vec_in, vec_out, atomic_dq);
-    check_cuda(cudaGetLastError(), "attention backward dk/dv kernel");
+    check_launch("attention backward dk/dv kernel");
   }
   if (!atomic_dq) {
     using Cfg = typename TileConfig<kD>::Dq;
@@ -961,7 +961,7 @@ void run_bwd_tc(const AttentionBackwardParams& bp, const BwdWorkspace& ws, cudaS
     check_cuda(set_max_dynamic_smem(kernel, Cfg::kSmemBytes), "attention backward: shared memory size");
     launch(kernel, dim3(p.batch * p.heads, m_blocks), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, bp, ws, vec_in,
            vec_out);
-    check_cuda(cudaGetLastError(), "attention backward dq kernel");
+    check_launch("attention backward dq kernel");
   }
 }
 

@@ -9,11 +9,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <type_traits>
-#include <string>
 
 #include "attention/attention.h"
+#include "common/cuda_utils.cuh"
 
 namespace vae_ext::attn {
 
@@ -26,22 +25,11 @@ struct BwdWorkspace {
   int dq_ld;        // row stride of dq_accum: the compiled head dim
 };
 
-inline void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("vae_ext: ") + what + ": " + cudaGetErrorString(err));
-}
-
 // Whether every row of a (B, H, S, D) operand starts 16-byte aligned (cp.async of 8 16-bit elements).
 inline bool rows_aligned16(const void* ptr, int64_t batch_stride, int64_t head_stride, int64_t row_stride) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && batch_stride % 8 == 0 && head_stride % 8 == 0 &&
          row_stride % 8 == 0;
 }
-
-// Blocks of a grid-stride loop over n items.
-inline unsigned grid_blocks(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
-}
-
 
 // The largest dynamic shared memory a tensor-core kernel of a compiled head dim uses
 // (its dK/dV kernel; attention_cuda.cuh checks the tile configs against it). A device

@@ -423,7 +423,7 @@ void run_fwd_simt(const AttentionParams& p, cudaStream_t stream) {
   check_cuda(set_max_dynamic_smem(kernel, smem), "attention forward (SIMT): shared memory size");
   const dim3 grid(p.batch * p.heads, (p.q_len + kBlockRows - 1) / kBlockRows);
   launch(kernel, grid, dim3(kThreads), smem, stream, p);
-  check_cuda(cudaGetLastError(), "attention forward kernel (SIMT)");
+  check_launch("attention forward kernel (SIMT)");
 }
 
 template <typename T>
@@ -437,7 +437,7 @@ void run_bwd_simt(const AttentionBackwardParams& bp, cudaStream_t stream) {
     check_cuda(set_max_dynamic_smem(kernel, smem), "attention backward (SIMT): shared memory size");
     launch(kernel, dim3(p.batch * p.heads, (p.q_len + kBlockRows - 1) / kBlockRows), dim3(kThreads), smem, stream,
            bp);
-    check_cuda(cudaGetLastError(), "attention backward dq kernel (SIMT)");
+    check_launch("attention backward dq kernel (SIMT)");
   }
   {
     const size_t smem = (2 * static_cast<size_t>(kBlockRows) * d + 2 * static_cast<size_t>(kTile) * (d + 1) +
@@ -446,7 +446,7 @@ void run_bwd_simt(const AttentionBackwardParams& bp, cudaStream_t stream) {
     check_cuda(set_max_dynamic_smem(kernel, smem), "attention backward (SIMT): shared memory size");
     launch(kernel, dim3(p.batch * p.kv_heads, (p.kv_len + kBlockRows - 1) / kBlockRows), dim3(kThreads), smem,
            stream, bp);
-    check_cuda(cudaGetLastError(), "attention backward dk/dv kernel (SIMT)");
+    check_launch("attention backward dk/dv kernel (SIMT)");
   }
 }
 

@@ -48,12 +48,13 @@ void dispatch_dtype_cuda(DType dtype, F&& f) {
   }
 }
 
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("vae_ext: ") + what + " failed: " + cudaGetErrorString(err));
-  }
+// A CUDA runtime call's error as an exception naming what failed.
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("vae_ext: ") + what + ": " + cudaGetErrorString(err));
 }
+
+// After a launch: the launch's error, if any.
+inline void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 // Blocks for a grid-stride loop over `work` items: enough to fill the device, never more than needed.
 inline int grid_size(int64_t work, int threads) {

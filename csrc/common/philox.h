@@ -82,16 +82,32 @@ VAE_HD void unpack_philox(const PhiloxState& s, uint64_t& seed, uint64_t& counte
 VAE_HD float uniform_open_closed(uint32_t bits) { return static_cast<float>((bits >> 8) + 1u) * 5.9604644775390625e-08f; }
 VAE_HD float uniform_closed_open(uint32_t bits) { return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f; }
 
-// Box–Muller: two uniforms to two independent N(0, 1) draws, in acc_t precision.
-template <typename acc_t>
-VAE_HD void box_muller(uint32_t a, uint32_t b, acc_t& n0, acc_t& n1) {
-  const acc_t u1 = static_cast<acc_t>(uniform_open_closed(a));
-  const acc_t u2 = static_cast<acc_t>(uniform_closed_open(b));
-  const acc_t r = sqrt_(acc_t(-2) * log_(u1));
-  acc_t s, c;
-  sincos_2pi_(u2, &s, &c);
+// Box–Muller: uniforms u1 in (0, 1] and u2 in [0, 1) to two independent N(0, 1)
+// draws, r = sqrt(-2 log u1), (n0, n1) = (r cos 2 pi u2, r sin 2 pi u2). A template
+// over the value type V with the primitives of BoxMullerMath<V>: the scalar ones are
+// here (CUDA, host); the CPU kernels' vector ones are in common/philox_cpu.h.
+template <typename V>
+struct BoxMullerMath {  // scalars
+  using scalar = V;
+  static VAE_HD V log(V x) { return log_(x); }
+  static VAE_HD V sqrt(V x) { return sqrt_(x); }
+  static VAE_HD void sincos_2pi(V u, V& s, V& c) { sincos_2pi_(u, &s, &c); }
+};
+
+template <typename V>
+VAE_HD void box_muller_uniforms(const V& u1, const V& u2, V& n0, V& n1) {
+  using M = BoxMullerMath<V>;
+  const V r = M::sqrt(V(typename M::scalar(-2)) * M::log(u1));
+  V s, c;
+  M::sincos_2pi(u2, s, c);
   n0 = r * c;
   n1 = r * s;
+}
+
+// Two 32-bit Philox words to two N(0, 1) draws, in acc_t precision.
+template <typename acc_t>
+VAE_HD void box_muller(uint32_t a, uint32_t b, acc_t& n0, acc_t& n1) {
+  box_muller_uniforms(static_cast<acc_t>(uniform_open_closed(a)), static_cast<acc_t>(uniform_closed_open(b)), n0, n1);
 }
 
 }  // namespace vae_ext

@@ -1,6 +1,6 @@
 // Vectorised Philox-4x32-10 and Box–Muller for the CPU kernels: kPhiloxLanes
 // consecutive subsequences at once, bit-identical to philox4x32_10() in
-// common/philox.h. With AVX2 the rounds run on 8-lane integer vectors, two
+// common/philox.h, whose box_muller_uniforms they run on vectors. With AVX2 the rounds run on 8-lane integer vectors, two
 // independent vectors at a time to hide the multiply latency.
 #pragma once
 
@@ -16,6 +16,48 @@
 #endif
 
 namespace vae_ext {
+
+// BoxMullerMath (common/philox.h) for the CPU's vectors: at::vec's functions in
+// general; for float with AVX2 or AVX-512, eight lanes of Sleef's 3.5-ulp log and
+// sincospi (Float8), which the fast path below runs on. (Both types live in the
+// capability's namespace, so each capability's build has its own specialisations.)
+template <typename T>
+struct BoxMullerMath<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  using scalar = T;
+  static V log(const V& x) { return x.log(); }
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static void sincos_2pi(const V& u, V& s, V& c) {
+    const V t = V(T(6.283185307179586476925286766559)) * u;
+    s = t.sin();
+    c = t.cos();
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+VAE_EXT_CPU_NS_BEGIN
+struct Float8 {
+  __m256 v;
+  Float8() = default;
+  Float8(__m256 x) : v(x) {}  // NOLINT: implicit, as a register
+  explicit Float8(float x) : v(_mm256_set1_ps(x)) {}
+};
+inline Float8 operator*(const Float8& a, const Float8& b) { return _mm256_mul_ps(a.v, b.v); }
+VAE_EXT_CPU_NS_END
+
+template <>
+struct BoxMullerMath<Float8> {
+  using scalar = float;
+  static Float8 log(const Float8& x) { return Sleef_logf8_u35avx2(x.v); }
+  static Float8 sqrt(const Float8& x) { return _mm256_sqrt_ps(x.v); }
+  static void sincos_2pi(const Float8& u, Float8& s, Float8& c) {
+    const Sleef___m256_2 sc = Sleef_sincospif8_u35avx2(_mm256_add_ps(u.v, u.v));  // sin, cos of 2 pi u
+    s = sc.x;
+    c = sc.y;
+  }
+};
+#endif
+
 VAE_EXT_CPU_NS_BEGIN
 
 constexpr int kPhiloxLanes = 16;                  // Philox blocks per call
@@ -84,7 +126,7 @@ inline void philox_normals_cpu(uint64_t seed, uint64_t counter_lo, uint64_t firs
   philox_blocks_cpu(seed, counter_lo, first_group, bits);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 scale = _mm256_set1_ps(5.9604644775390625e-08f), minus_two = _mm256_set1_ps(-2.0f);
+    const __m256 scale = _mm256_set1_ps(5.9604644775390625e-08f);
     const __m256i one = _mm256_set1_epi32(1);
     for (int v = 0; v < kPhiloxLanes / 8; ++v) {
       __m256 n[4];
@@ -93,10 +135,10 @@ inline void philox_normals_cpu(uint64_t seed, uint64_t counter_lo, uint64_t firs
         const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(&bits[2 * pair + 1][8 * v]));
         const __m256 u1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(a, 8), one)), scale);
         const __m256 u2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 8)), scale);
-        const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u35avx2(u1)));
-        const Sleef___m256_2 sc = Sleef_sincospif8_u35avx2(_mm256_add_ps(u2, u2));  // sin, cos of 2*pi*u2
-        n[2 * pair] = _mm256_mul_ps(r, sc.y);
-        n[2 * pair + 1] = _mm256_mul_ps(r, sc.x);
+        Float8 n0, n1;
+        box_muller_uniforms(Float8(u1), Float8(u2), n0, n1);
+        n[2 * pair] = n0.v;
+        n[2 * pair + 1] = n1.v;
       }
       // 4 x 8 transpose: lane l of n[j] is element 4 * l + j.
       const __m256 a = _mm256_unpacklo_ps(n[0], n[1]), b = _mm256_unpackhi_ps(n[0], n[1]);
@@ -124,13 +166,12 @@ inline void philox_normals_cpu(uint64_t seed, uint64_t counter_lo, uint64_t firs
     u[3][l] = static_cast<acc_t>(uniform_closed_open(bits[3][l]));
   }
   alignas(64) acc_t normal[4][kPhiloxLanes];
-  const Vec minus_two(acc_t(-2)), two_pi(acc_t(6.283185307179586476925286766559));
   for (int pair = 0; pair < 2; ++pair) {
     for (int l = 0; l < kPhiloxLanes; l += Vec::size()) {
-      const Vec r = (minus_two * Vec::loadu(&u[2 * pair][l]).log()).sqrt();
-      const Vec theta = two_pi * Vec::loadu(&u[2 * pair + 1][l]);
-      (r * theta.cos()).store(&normal[2 * pair][l]);
-      (r * theta.sin()).store(&normal[2 * pair + 1][l]);
+      Vec n0, n1;
+      box_muller_uniforms(Vec::loadu(&u[2 * pair][l]), Vec::loadu(&u[2 * pair + 1][l]), n0, n1);
+      n0.store(&normal[2 * pair][l]);
+      n1.store(&normal[2 * pair + 1][l]);
     }
   }
   for (int l = 0; l < kPhiloxLanes; ++l) {
