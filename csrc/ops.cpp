@@ -78,6 +78,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = std::string(VAE_EXT_BUILT_WITH_TORCH);
     return info;
   });
+  // Tests and benchmarks only: the CPU attention forward's tile products on packed panels or not.
+  m.def("_set_attention_cpu_panels", [](bool on) {
+    const bool before = vae_ext::attention_cpu_panels();
+    vae_ext::set_attention_cpu_panels(on);
+    return before;
+  });
   // Tests only: switch the CPU kernels' capability in-process ("" = the env/best choice).
   m.def("_set_cpu_capability", [](const std::string& name) {
     return std::string(vae_ext::cpu_capability_name(vae_ext::set_cpu_capability(name)));

@@ -351,6 +351,60 @@ def test_other_kernel_configurations(env):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+# The CPU forward's packed-panel tile products (attention_cpu.cpp: panel_gemm) run where a kv head has
+# at least 256 query rows (Sq * G); these shapes cross that line with every panel form: head dims whose
+# last V panel is 8 wide (40, 8) or zero-padded (60), D = 512 (k split in chunks), key counts that are
+# not a multiple of the 16-key panels, GQA, strided (B, S, H, D) inputs, every mask kind, dropout.
+_PANEL_CASES = [
+    ((1, 2, 1, 256, 300, 40), "causal+padding+bool", torch.float32, "contiguous", 0.2),
+    ((1, 1, 1, 300, 260, 60), "float", torch.float32, "bshd", 0.0),
+    ((1, 2, 2, 256, 200, 8), "none", torch.float32, "contiguous", 0.0),
+    ((1, 1, 1, 260, 520, 512), "padding", torch.float32, "contiguous", 0.1),
+    ((2, 4, 2, 128, 129, 64), "causal", torch.bfloat16, "bshd", 0.0),
+    ((1, 2, 1, 256, 77, 40), "float+causal", torch.bfloat16, "contiguous", 0.3),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("shape,masks,dtype,layout,dropout_p", _PANEL_CASES)
+def test_forward_on_packed_panels_matches_the_reference(shape, masks, dtype, layout, dropout_p):
+    """Panels on and off (the BLAS products) both match the float64 reference, same dropout mask."""
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, dtype, "cpu", seed=5, masks=masks, layout=layout)
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=11)
+    expected = vae_ext.reference.masked_attention(q.double(), k.double(), v.double(),
+                                                  **{**kw, "attn_mask": _as_double(am)})
+    before = vae_ext._C._set_attention_cpu_panels(True)
+    try:
+        with torch.inference_mode():
+            on = vae_ext.masked_attention(q, k, v, **kw)
+            vae_ext._C._set_attention_cpu_panels(False)
+            off = vae_ext.masked_attention(q, k, v, **kw)
+    finally:
+        vae_ext._C._set_attention_cpu_panels(before)
+    assert_close(on, expected, dtype)
+    assert_close(off, expected, dtype)
+    assert_close(on, off, dtype)
+
+
+@requires_ext
+def test_packed_panels_keep_a_hidden_nan_out():
+    """A NaN in the value of a padded key or a key hidden by the causal mask reaches no output row
+    on the panel path (the tile is redone with products that skip zero weights)."""
+    q, k, v, _, kpm, _ = _make(1, 2, 1, 256, 96, 40, torch.float32, "cpu", seed=2, masks="padding")
+    kpm[:] = False
+    kpm[0, 90:] = True
+    v[0, 0, 93] = float("nan")   # padded
+    v[0, 0, 40] = float("inf")   # hidden from queries < 40 by the causal mask
+    for kw in (dict(key_padding_mask=kpm), dict(key_padding_mask=kpm, is_causal=True)):
+        with torch.inference_mode():
+            out = vae_ext.masked_attention(q, k, v, **kw)
+        expected = vae_ext.reference.masked_attention(q.double(), k.double(), v.double(), **kw)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(out), finite)
+        assert_close(out[finite], expected[finite], torch.float32)
+
+
 # ---------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -21,6 +24,20 @@
 #endif
 
 namespace vae_ext {
+
+namespace {
+std::atomic<bool>& panels_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* s = std::getenv("VAE_EXT_ATTN_GEMM");
+    return s == nullptr || (std::strcmp(s, "blas") != 0 && std::strcmp(s, "vec") != 0);
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool attention_cpu_panels() { return panels_flag().load(std::memory_order_relaxed); }
+void set_attention_cpu_panels(bool on) { panels_flag().store(on, std::memory_order_relaxed); }
+
 namespace {
 
 using attention_glue::check_and_prepare;

@@ -107,6 +107,13 @@ struct AttentionBackwardParams {
   bool deterministic = false;
 };
 
+// Whether the CPU forward runs its tile products on packed panels (attention_cpu.cpp) where
+// they pay, rather than through the BLAS: on unless VAE_EXT_ATTN_GEMM=blas or vec; tests
+// and benchmarks switch it in-process (_C._set_attention_cpu_panels). Defined in attention.cpp
+// (one flag for every CPU capability's kernels).
+bool attention_cpu_panels();
+void set_attention_cpu_panels(bool on);
+
 VAE_EXT_DECLARE_CPU_KERNEL(void attention_forward_cpu(const AttentionParams& p))
 VAE_EXT_DECLARE_CPU_KERNEL(void attention_backward_cpu(const AttentionBackwardParams& p))
 

@@ -81,6 +81,8 @@ const Config& config() {
     get("VAE_EXT_ATTN_BLOCK_K", c.fwd_block_k, 64);
     get("VAE_EXT_ATTN_BWD_BLOCK_Q", c.bwd_block_q, 1);
     get("VAE_EXT_ATTN_BWD_BLOCK_K", c.bwd_block_k, 64);
+    // VAE_EXT_ATTN_GEMM: "vec" (at::vec kernel for every product, no BLAS), "blas" (BLAS for every
+    // product, no forward panels: attention_cpu_panels()); default: forward panels, BLAS elsewhere.
     if (const char* s = std::getenv("VAE_EXT_ATTN_GEMM")) c.blas = std::strcmp(s, "vec") != 0;
     return c;
   }();
@@ -316,6 +318,104 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   } else {
     gemm_vec<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, pack);
   }
+}
+
+
+// ---------------------------------------------------------------- packed-panel products (forward)
+//
+// The forward's two tile products, S = scale Q Kᵀ and O += P V, on operands laid out
+// for a register-blocked kernel: an MR x (NV vectors) block of C in registers, A
+// broadcast one element at a time, B read as whole vectors from a contiguous panel
+// (k rows of NV vectors). K and V are packed into such panels once per call (every
+// query tile of a head reads the same panels), the Q tile once per task (MR rows
+// interleaved: the broadcasts walk one line); P is read in place. On this project's
+// AVX2 machine the kernel runs at ~88 GFLOP/s per core against MKL's ~66 on the same
+// tile shapes (benchmarks/results/cpu-attention-models-20261202.md), and no per-call
+// packing or C scaling is paid.
+
+constexpr int kPanelMR = 6;
+template <typename T>
+constexpr int64_t panel_nr() {
+  return 2 * Vec<T>::size();
+}
+constexpr int64_t kPanelKc = 256;  // k chunk: A block and B panel stay in L1 / L2
+
+// C rows [0, rows) x cols [0, ncols) (= or +=) alpha * A B over k: A element (r, p) at
+// a[r * a_rs + p * a_cs], B row p at b + p * NV * L.
+template <typename T, int MR, int NV>
+inline void panel_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t k,
+                         T* c, int64_t ldc, int64_t rows, int64_t ncols, T alpha, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>(T(0));
+  }
+#pragma GCC unroll 8
+  for (int64_t p = 0; p < k; ++p) {
+    Vec<T> bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::loadu(b + (p * NV + v) * L);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec<T> av(ap[r * a_rs]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+  const Vec<T> va(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;
+    T* cr = c + r * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(L, ncols - v * L);
+      if (n <= 0) break;
+      Vec<T> x = acc[r][v] * va;
+      if (n == L) {
+        if (accumulate) x = x + Vec<T>::loadu(cr + v * L);
+        x.store(cr + v * L);
+      } else {
+        if (accumulate) x = x + Vec<T>::loadu(cr + v * L, n);
+        x.store(cr + v * L, n);
+      }
+    }
+  }
+}
+
+// C (m x ncols) (= or +=) alpha A B with B one panel of width NV * L (k rows); A as
+// above per row block: row block i starts at a + i * a_blk. k is split into chunks of
+// kPanelKc (b's rows, a's columns); only the first chunk stores when !accumulate.
+template <typename T, int NV>
+void panel_gemm(int64_t m, int64_t ncols, int64_t k, T alpha, const T* a, int64_t a_blk, int64_t a_rs, int64_t a_cs,
+                const T* b, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = NV * Vec<T>::size();
+  for (int64_t p0 = 0; p0 < k; p0 += kPanelKc) {
+    const int64_t kc = std::min(kPanelKc, k - p0);
+    const bool acc = accumulate || p0 > 0;
+    const T* bp = b + p0 * W;
+    for (int64_t i = 0; i < m; i += kPanelMR) {
+      const T* ai = a + (i / kPanelMR) * a_blk + p0 * a_cs;
+      panel_kernel<T, kPanelMR, NV>(ai, a_rs, a_cs, bp, kc, c + i * ldc, ldc, std::min<int64_t>(kPanelMR, m - i),
+                                    ncols, alpha, acc);
+    }
+  }
+}
+
+// The V panels' widths: NR columns each, the last L wide when at most L columns remain.
+template <typename T>
+int64_t v_panel_width(int64_t D, int64_t j0) {
+  constexpr int64_t L = Vec<T>::size(), NR = panel_nr<T>();
+  return D - j0 <= L ? L : NR;
+}
+template <typename T>
+int64_t v_packed_cols(int64_t D) {
+  int64_t n = 0;
+  for (int64_t j0 = 0; j0 < D; j0 += v_panel_width<T>(D, j0)) n += v_panel_width<T>(D, j0);
+  return n;
 }
 
 // ---------------------------------------------------------------- row helpers
@@ -644,15 +744,72 @@ inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
 
 template <typename acc_t>
 struct FwdWorkspace {
-  std::vector<acc_t> q, k, v, s, z, acc, lse, pack;
+  std::vector<acc_t> q, qp, k, v, s, z, acc, lse, pack;
   std::vector<SoftmaxRow<acc_t>> rows;
 };
+
+// K and V of every (batch, kv head) as panel_gemm's B operands, in acc_t: K as key
+// panels (NR keys each, D rows of NR, keys past Sk zero) for S = Q Kᵀ, V as column
+// panels (v_panel_width columns each, Sk rows, columns past D zero) for O += P V.
+template <typename acc_t>
+struct KvPanels {
+  std::unique_ptr<acc_t[]> k, v;
+  int64_t k_head = 0, v_head = 0;  // elements per (batch, kv head)
+};
+
+// Whether the forward runs its tile products on panels: float accumulation, and enough
+// query rows per kv head (several query tiles read each packed K and V) to pay for packing
+// them once; below that (ViT-S's 197, BERT's 128, decoding) the BLAS, which packs per
+// product, is as fast (benchmarks/results/cpu-attention-models-20261202.md).
+constexpr int64_t kPanelMinRowsPerKvHead = 256;
+inline bool use_kv_panels(const Problem& pr, bool float_acc) {
+  return float_acc && attention_cpu_panels() && !pr.pack_heads && pr.Sq * pr.G >= kPanelMinRowsPerKvHead;
+}
+
+template <typename scalar_t, typename acc_t>
+void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
+  const AttentionParams& p = pr.p;
+  constexpr int64_t NR = panel_nr<acc_t>(), kChunk = 256;
+  const int64_t D = pr.D, Sk = pr.Sk, Skp = (Sk + NR - 1) / NR * NR;
+  kv.k_head = Skp * D;
+  kv.v_head = Sk * v_packed_cols<acc_t>(D);
+  const int64_t heads = pr.B * pr.Hkv, chunks = (Skp + kChunk - 1) / kChunk;
+  kv.k.reset(new acc_t[static_cast<size_t>(heads * kv.k_head)]);
+  kv.v.reset(new acc_t[static_cast<size_t>(heads * kv.v_head)]);
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(static_cast<size_t>(D));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / chunks, b = bh / pr.Hkv, hk = bh % pr.Hkv, j0 = (t % chunks) * kChunk;
+      const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+      const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+      acc_t* kp = kv.k.get() + bh * kv.k_head;
+      acc_t* vp = kv.v.get() + bh * kv.v_head;
+      for (int64_t j = j0; j < std::min(Skp, j0 + kChunk); ++j) {
+        acc_t* kd = kp + (j / NR) * NR * D + j % NR;
+        if (j >= Sk) {
+          for (int64_t d = 0; d < D; ++d) kd[d * NR] = acc_t(0);
+          continue;
+        }
+        load_widen(K + j * p.k_row_stride, row.data(), static_cast<int>(D));
+        for (int64_t d = 0; d < D; ++d) kd[d * NR] = row[d];
+        load_widen(V + j * p.v_row_stride, row.data(), static_cast<int>(D));
+        for (int64_t c0 = 0; c0 < D;) {
+          const int64_t w = v_panel_width<acc_t>(D, c0), n = std::min(w, D - c0);
+          acc_t* vd = vp + c0 * Sk + j * w;
+          std::copy(row.data() + c0, row.data() + c0 + n, vd);
+          std::fill(vd + n, vd + w, acc_t(0));
+          c0 += w;
+        }
+      }
+    }
+  });
+}
 
 // One query tile: online softmax over its visible key tiles. With out == nullptr
 // only the log-sum-exp is computed (float64 backward), into lse_out.
 template <typename scalar_t, typename acc_t>
 void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorkspace<acc_t>& ws, scalar_t* out,
-                  acc_t* lse_out) {
+                  acc_t* lse_out, const KvPanels<acc_t>* kv = nullptr) {
   const AttentionParams& p = pr.p;
   const int64_t D = pr.D, bk = pr.bk;
   // Packed heads (decoding, Problem::pack_heads): the tile's rows are the one query of
@@ -676,6 +833,18 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const acc_t scale = static_cast<acc_t>(p.scale_f64);
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
+  constexpr int64_t MR = kPanelMR, NR = panel_nr<acc_t>();
+  const acc_t* kpan = nullptr;
+  const acc_t* vpan = nullptr;
+  if (kv != nullptr) {  // the Q tile as MR-row blocks (element (r, d) of a block at d * MR + r)
+    kpan = kv->k.get() + (b * pr.Hkv + hk) * kv->k_head;
+    vpan = kv->v.get() + (b * pr.Hkv + hk) * kv->v_head;
+    ws.qp.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * D));
+    for (int64_t i = 0; i < mq; ++i) {
+      acc_t* dst = ws.qp.data() + (i / MR) * MR * D + i % MR;
+      for (int64_t d = 0; d < D; ++d) dst[d * MR] = qt_ptr[i * ldq + d];
+    }
+  }
 
   // careful: the P V products of tiles with hidden pairs skip the zero weights where V holds
   // a NaN (gemm_tile). Only a sweep whose output holds a NaN is redone carefully, so the
@@ -687,11 +856,18 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
     if (pad == kAllPadding) continue;
     const int64_t k0 = kt * bk, nk = std::min(bk, end - k0);
-    const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                       k0 * p.k_row_stride;
-    int64_t ldk = 0;
-    const acc_t* kptr = load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk);
-    gemm<acc_t>(false, true, mq, nk, D, scale, qt_ptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+    if (kpan != nullptr) {  // key panels start at multiples of NR (k0 is a multiple of bk, of 64)
+      for (int64_t j = 0; j < nk; j += NR) {
+        panel_gemm<acc_t, 2>(mq, std::min(NR, nk - j), D, scale, ws.qp.data(), MR * D, 1, MR, kpan + (k0 + j) * D,
+                             s + j, bk, false);
+      }
+    } else {
+      const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                         k0 * p.k_row_stride;
+      int64_t ldk = 0;
+      const acc_t* kptr = load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk);
+      gemm<acc_t>(false, true, mq, nk, D, scale, qt_ptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+    }
     apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
     bool any_visible = false;
     for (int64_t r = 0; r < mq; ++r) {
@@ -711,13 +887,26 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
       dropout_tile(pr, row0, mq, k0, nk, ws.z.data(), bk);
       for (int64_t r = 0; r < mq; ++r) mul_rows(s + r * bk, ws.z.data() + r * bk, nk);
     }
+    // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
+    const bool careful_tile = careful && tile_hides_pairs(pr, pad);
+    if (vpan != nullptr && !careful_tile) {
+      for (int64_t c0 = 0; c0 < D;) {
+        const int64_t w = v_panel_width<acc_t>(D, c0), n = std::min(w, D - c0);
+        const acc_t* panel = vpan + c0 * pr.Sk + k0 * w;
+        if (w == NR) {
+          panel_gemm<acc_t, 2>(mq, n, nk, acc_t(1), s, MR * bk, bk, 1, panel, ws.acc.data() + c0, D, true);
+        } else {
+          panel_gemm<acc_t, 1>(mq, n, nk, acc_t(1), s, MR * bk, bk, 1, panel, ws.acc.data() + c0, D, true);
+        }
+        c0 += w;
+      }
+      continue;
+    }
     const auto* vsrc = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                        k0 * p.v_row_stride;
     int64_t ldv = 0;
     const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
-    // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
-    gemm_tile<acc_t>(careful && tile_hides_pairs(pr, pad), false, mq, D, nk, acc_t(1), s, bk, vptr, ldv,
-                     ws.acc.data(), D, ws.pack);
+    gemm_tile<acc_t>(careful_tile, false, mq, D, nk, acc_t(1), s, bk, vptr, ldv, ws.acc.data(), D, ws.pack);
   }
   };
   sweep(false);
@@ -752,12 +941,16 @@ void forward_impl(const AttentionParams& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   double flops = 0;
   for (const int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(rows * pr.D);
+  KvPanels<acc_t> kv;
+  const bool panels = use_kv_panels(pr, std::is_same_v<acc_t, float>);
+  if (panels) pack_kv_panels<scalar_t>(pr, kv);
   run_tasks<FwdWorkspace<acc_t>>(by_cost(cost), flops, [&](int64_t t, FwdWorkspace<acc_t>& ws) {
     const int64_t qt = t % tiles, b = t / tiles / heads, hh = t / tiles % heads;
     const int64_t h = pr.pack_heads ? hh * pr.G : hh, bh = b * pr.H + h;
     const auto [q0, mq] = pr.tile_rows(qt);
     ws.lse.resize(static_cast<size_t>(mq));
-    forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data());
+    forward_tile<scalar_t, acc_t>(pr, b, h, qt, ws, out + (bh * pr.Sq + q0) * pr.D, ws.lse.data(),
+                                  panels ? &kv : nullptr);
     // packed: row r is head h + r (Sq = 1), so lse and out rows are consecutive either way
     for (int64_t r = 0; r < mq; ++r) p.lse[bh * pr.Sq + q0 + r] = static_cast<float>(ws.lse[r]);
   });
