@@ -46,24 +46,48 @@ def test_attention_model_shapes_forward_backward(benchmark, shape, impl, dtype):
     _bench(benchmark, shape, impl, dtype, backward=True)
 
 
-def alternating(dtypes, reps, backward):
+def alternating(dtypes, reps, backward, panels_ab=False):
+    """Median ms of alternating calls in one process. panels_ab: the fused forward twice, with the CPU
+    tile products on packed panels and through the BLAS (vae_ext._C._set_attention_cpu_panels), the
+    call order rotated every round."""
+    import vae_ext
+
+    set_panels = vae_ext._C._set_attention_cpu_panels
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms of {reps} alternating calls"
           f" ({'forward+backward' if backward else 'forward, inference mode'})")
-    print("| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
+    if panels_ab:
+        print("| family | shape | dtype | panels ms | BLAS ms | SDPA ms | SDPA / panels | SDPA / BLAS | BLAS / panels |"
+              "\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
     for shape in (TRAINING_SHAPES if backward else MODEL_SHAPES):
         for dtype in dtypes:
-            fns = {impl: call(shape, impl, dtype, backward) for impl in ("fused", "sdpa")}
+            fused, sdpa = call(shape, "fused", dtype, backward), call(shape, "sdpa", dtype, backward)
+            if panels_ab:
+                fns = {"panels": (fused, True), "blas": (fused, False), "sdpa": (sdpa, True)}
+            else:
+                fns = {"fused": (fused, True), "sdpa": (sdpa, True)}
             times = {name: [] for name in fns}
-            for fn in fns.values():
+            names = list(fns)
+            for fn, panels in fns.values():
+                set_panels(panels)
                 fn()
-            for _ in range(reps):
-                for name, fn in fns.items():
+            for i in range(reps):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    fn, panels = fns[name]
+                    set_panels(panels)
                     t0 = time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - t0) * 1e3)
-            f, s = statistics.median(times["fused"]), statistics.median(times["sdpa"])
-            print(f"| {shape.family} | {shape.label()} | {str(dtype)[6:]} | {f:.3f} | {s:.3f} | {s / f:.2f}x |",
-                  flush=True)
+            set_panels(True)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            head = f"| {shape.family} | {shape.label()} | {str(dtype)[6:]} |"
+            if panels_ab:
+                p, b, sd = med["panels"], med["blas"], med["sdpa"]
+                print(f"{head} {p:.3f} | {b:.3f} | {sd:.3f} | {sd / p:.2f}x | {sd / b:.2f}x | {b / p:.2f}x |", flush=True)
+            else:
+                f, sd = med["fused"], med["sdpa"]
+                print(f"{head} {f:.3f} | {sd:.3f} | {sd / f:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
@@ -71,5 +95,7 @@ if __name__ == "__main__":
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--backward", action="store_true", help="forward+backward at the training shapes")
+    ap.add_argument("--panels-ab", action="store_true",
+                    help="the fused CPU forward with and without the packed-panel tile products, and SDPA")
     a = ap.parse_args()
-    alternating([getattr(torch, d) for d in a.dtypes], a.reps, a.backward)
+    alternating([getattr(torch, d) for d in a.dtypes], a.reps, a.backward, a.panels_ab)
