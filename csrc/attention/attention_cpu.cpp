@@ -341,7 +341,8 @@ constexpr int64_t panel_nr() {
 constexpr int64_t kPanelKc = 256;  // k chunk: A block and B panel stay in L1 / L2
 
 // C rows [0, rows) x cols [0, ncols) (= or +=) alpha * A B over k: A element (r, p) at
-// a[r * a_rs + p * a_cs], B row p at b + p * NV * L.
+// a[r * a_rs + p * a_cs], B row p at b + p * NV * L. All MR rows of A are read (the
+// callers' A buffers hold whole MR-row blocks); only `rows` rows of C are touched.
 template <typename T, int MR, int NV>
 inline void panel_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t k,
                          T* c, int64_t ldc, int64_t rows, int64_t ncols, T alpha, bool accumulate) {
@@ -819,7 +820,8 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const int64_t hk = h / pr.G;
   const int64_t end = pr.key_end(b, q0, mq);
   const bool with_out = out != nullptr;
-  ws.s.resize(static_cast<size_t>(mq * bk));
+  // Whole MR-row blocks: the panel products read every row of a block of P (rows past mq unused).
+  ws.s.resize(static_cast<size_t>((mq + kPanelMR - 1) / kPanelMR * kPanelMR * bk));
   if (pr.dropout && with_out) ws.z.resize(static_cast<size_t>(mq * bk));
   if (!std::is_same_v<scalar_t, acc_t>) {
     ws.q.resize(static_cast<size_t>(mq * D));
