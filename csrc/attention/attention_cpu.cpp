@@ -157,51 +157,59 @@ namespace {
 // stored m x k (or k x m when trans_a) with row stride lda, B k x n (or n x k).
 // beta == 0 never reads C.
 
-// at::vec kernel: an MR x 2 vectors block of C in registers, A broadcast from any
-// layout, B rows (2 vectors wide; Bᵀ and column tails are packed first) loaded as
-// vectors; C is stored for the first `ncols` columns.
-template <typename T, int MR>
-inline void micro_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t ldb,
-                         T* c, int64_t ldc, int64_t k, int64_t ncols, T alpha, T beta) {
+// Register block of block_kernel as gemm_vec and panel_gemm use it: 6 rows x 2 vectors.
+constexpr int kPanelMR = 6;
+template <typename T>
+constexpr int64_t panel_nr() {
+  return 2 * Vec<T>::size();
+}
+
+// The register-blocked at::vec kernel of every product that does not go to the BLAS:
+// C rows [0, rows) x cols [0, ncols) = alpha * A B + beta * C over k, with an MR x NV
+// vectors block of C in registers. A element (r, p) at a[r * a_rs + p * a_cs] is
+// broadcast (all MR rows are read: callers hand whole MR-row blocks); B is a packed
+// panel, row p the NV vectors at b + p * NV * L (a constant stride: the unrolled loads
+// take immediate offsets). beta == 0 never reads C.
+template <typename T, int MR, int NV>
+inline void block_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t k,
+                         T* c, int64_t ldc, int64_t rows, int64_t ncols, T alpha, T beta) {
   constexpr int64_t L = Vec<T>::size();
-  Vec<T> acc0[MR], acc1[MR];
+  Vec<T> acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = Vec<T>(T(0));
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>(T(0));
+  }
+#pragma GCC unroll 8
   for (int64_t p = 0; p < k; ++p) {
-    const Vec<T> b0 = Vec<T>::loadu(b + p * ldb), b1 = Vec<T>::loadu(b + p * ldb + L);
+    Vec<T> bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::loadu(b + (p * NV + v) * L);
     const T* ap = a + p * a_cs;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const Vec<T> av(ap[r * a_rs]);
-      acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
-      acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
   }
   const Vec<T> va(alpha), vb(beta);
-  if (ncols == 2 * L) {
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      T* cr = c + r * ldc;
-      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
-      if (beta != T(0)) {
-        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr), r0);
-        r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L), r1);
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;
+    T* cr = c + r * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(L, ncols - v * L);
+      if (n <= 0) break;
+      Vec<T> x = acc[r][v] * va;
+      if (n == L) {
+        if (beta != T(0)) x = at::vec::fmadd(vb, Vec<T>::loadu(cr + v * L), x);
+        x.store(cr + v * L);
+      } else {
+        if (beta != T(0)) x = at::vec::fmadd(vb, Vec<T>::loadu(cr + v * L, n), x);
+        x.store(cr + v * L, n);
       }
-      r0.store(cr);
-      r1.store(cr + L);
-    }
-  } else {
-    const int64_t n0 = std::min(ncols, L), n1 = ncols - n0;
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      T* cr = c + r * ldc;
-      Vec<T> r0 = acc0[r] * va, r1 = acc1[r] * va;
-      if (beta != T(0)) {
-        r0 = at::vec::fmadd(vb, Vec<T>::loadu(cr, n0), r0);
-        if (n1 > 0) r1 = at::vec::fmadd(vb, Vec<T>::loadu(cr + L, n1), r1);
-      }
-      r0.store(cr, n0);
-      if (n1 > 0) r1.store(cr + L, n1);
     }
   }
 }
@@ -209,45 +217,32 @@ inline void micro_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, co
 template <typename T>
 void gemm_vec(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
               const T* b, int64_t ldb, T beta, T* c, int64_t ldc, std::vector<T>& pack) {
-  constexpr int64_t NR = 2 * Vec<T>::size();
-  constexpr int MR = 6;
-  const int64_t n_pad = (n + NR - 1) / NR * NR;
-  if (trans_b || n_pad != n) {
-    // Pack op(B) as k x n_pad rows (zero columns past n) so that every panel is full width;
-    // 8 x 8 blocks keep both sides of a transpose within a few cache lines.
-    pack.assign(static_cast<size_t>(k * n_pad), T(0));
-    if (trans_b) {
-      constexpr int64_t kBlock = 8;
-      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-        const int64_t j1 = std::min(n, j0 + kBlock);
-        for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
-          const int64_t p1 = std::min(k, p0 + kBlock);
-          for (int64_t p = p0; p < p1; ++p) {
-            for (int64_t j = j0; j < j1; ++j) pack[p * n_pad + j] = b[j * ldb + p];
-          }
-        }
-      }
-    } else {
-      for (int64_t p = 0; p < k; ++p) std::copy(b + p * ldb, b + p * ldb + n, pack.data() + p * n_pad);
-    }
-    b = pack.data();
-    ldb = n_pad;
+  constexpr int64_t NR = panel_nr<T>();
+  constexpr int MR = kPanelMR;
+  // op(B) as panels of NR columns (k rows of NR, zero columns past n), block_kernel's B.
+  const int64_t n_panels = (n + NR - 1) / NR;
+  pack.assign(static_cast<size_t>(n_panels * k * NR), T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    T* dst = pack.data() + (j / NR) * k * NR + j % NR;
+    for (int64_t p = 0; p < k; ++p) dst[p * NR] = trans_b ? b[j * ldb + p] : b[p * ldb + j];
   }
   const int64_t a_rs = trans_a ? 1 : lda, a_cs = trans_a ? lda : 1;
   for (int64_t j = 0; j < n; j += NR) {
+    const T* panel = pack.data() + (j / NR) * k * NR;
     const int64_t nc = std::min(NR, n - j);
     int64_t i = 0;
     for (; i + MR <= m; i += MR) {
-      micro_kernel<T, MR>(a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, k, nc, alpha, beta);
+      block_kernel<T, MR, 2>(a + i * a_rs, a_rs, a_cs, panel, k, c + i * ldc + j, ldc, MR, nc, alpha, beta);
     }
     const T* ai = a + i * a_rs;
     T* ci = c + i * ldc + j;
-    switch (m - i) {
-      case 5: micro_kernel<T, 5>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
-      case 4: micro_kernel<T, 4>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
-      case 3: micro_kernel<T, 3>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
-      case 2: micro_kernel<T, 2>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
-      case 1: micro_kernel<T, 1>(ai, a_rs, a_cs, b + j, ldb, ci, ldc, k, nc, alpha, beta); break;
+    const int64_t rest = m - i;  // the last rows: a block of exactly that many (A is not padded here)
+    switch (rest) {
+      case 5: block_kernel<T, 5, 2>(ai, a_rs, a_cs, panel, k, ci, ldc, rest, nc, alpha, beta); break;
+      case 4: block_kernel<T, 4, 2>(ai, a_rs, a_cs, panel, k, ci, ldc, rest, nc, alpha, beta); break;
+      case 3: block_kernel<T, 3, 2>(ai, a_rs, a_cs, panel, k, ci, ldc, rest, nc, alpha, beta); break;
+      case 2: block_kernel<T, 2, 2>(ai, a_rs, a_cs, panel, k, ci, ldc, rest, nc, alpha, beta); break;
+      case 1: block_kernel<T, 1, 2>(ai, a_rs, a_cs, panel, k, ci, ldc, rest, nc, alpha, beta); break;
       default: break;
     }
   }
@@ -333,62 +328,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // tile shapes (benchmarks/results/cpu-attention-models-20261202.md), and no per-call
 // packing or C scaling is paid.
 
-constexpr int kPanelMR = 6;
-template <typename T>
-constexpr int64_t panel_nr() {
-  return 2 * Vec<T>::size();
-}
 constexpr int64_t kPanelKc = 256;  // k chunk: A block and B panel stay in L1 / L2
 
-// C rows [0, rows) x cols [0, ncols) (= or +=) alpha * A B over k: A element (r, p) at
-// a[r * a_rs + p * a_cs], B row p at b + p * NV * L. All MR rows of A are read (the
-// callers' A buffers hold whole MR-row blocks); only `rows` rows of C are touched.
-template <typename T, int MR, int NV>
-inline void panel_kernel(const T* __restrict__ a, int64_t a_rs, int64_t a_cs, const T* __restrict__ b, int64_t k,
-                         T* c, int64_t ldc, int64_t rows, int64_t ncols, T alpha, bool accumulate) {
-  constexpr int64_t L = Vec<T>::size();
-  Vec<T> acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>(T(0));
-  }
-#pragma GCC unroll 8
-  for (int64_t p = 0; p < k; ++p) {
-    Vec<T> bv[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::loadu(b + (p * NV + v) * L);
-    const T* ap = a + p * a_cs;
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const Vec<T> av(ap[r * a_rs]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
-    }
-  }
-  const Vec<T> va(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (r >= rows) break;
-    T* cr = c + r * ldc;
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      const int64_t n = std::min<int64_t>(L, ncols - v * L);
-      if (n <= 0) break;
-      Vec<T> x = acc[r][v] * va;
-      if (n == L) {
-        if (accumulate) x = x + Vec<T>::loadu(cr + v * L);
-        x.store(cr + v * L);
-      } else {
-        if (accumulate) x = x + Vec<T>::loadu(cr + v * L, n);
-        x.store(cr + v * L, n);
-      }
-    }
-  }
-}
-
-// C (m x ncols) (= or +=) alpha A B with B one panel of width NV * L (k rows); A as
-// above per row block: row block i starts at a + i * a_blk. k is split into chunks of
+// C (m x ncols) (= or +=) alpha A B with B one panel of width NV * L (k rows) on
+// block_kernel; A as there per row block: row block i starts at a + i * a_blk. k is split into chunks of
 // kPanelKc (b's rows, a's columns); only the first chunk stores when !accumulate.
 template <typename T, int NV>
 void panel_gemm(int64_t m, int64_t ncols, int64_t k, T alpha, const T* a, int64_t a_blk, int64_t a_rs, int64_t a_cs,
@@ -400,8 +343,8 @@ void panel_gemm(int64_t m, int64_t ncols, int64_t k, T alpha, const T* a, int64_
     const T* bp = b + p0 * W;
     for (int64_t i = 0; i < m; i += kPanelMR) {
       const T* ai = a + (i / kPanelMR) * a_blk + p0 * a_cs;
-      panel_kernel<T, kPanelMR, NV>(ai, a_rs, a_cs, bp, kc, c + i * ldc, ldc, std::min<int64_t>(kPanelMR, m - i),
-                                    ncols, alpha, acc);
+      block_kernel<T, kPanelMR, NV>(ai, a_rs, a_cs, bp, kc, c + i * ldc, ldc, std::min<int64_t>(kPanelMR, m - i),
+                                    ncols, alpha, acc ? T(1) : T(0));
     }
   }
 }
