@@ -237,6 +237,32 @@ def test_fully_masked_rows_are_zero_with_zero_grads(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sq", [40, 300])  # below and above the CPU panel line (Sq·G >= 256)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finfo_min_additive_masks_as_transformers_builds_them(device, sq, dtype):
+    # Key padding as an additive finfo(dtype).min mask, and a row whose every key carries it:
+    # softmax attends to those keys uniformly (the float kernels work in the log2 domain, where
+    # finfo.min · log2(e) must not overflow into a hidden pair). That row gets no upstream
+    # gradient, as padded rows do in training: its P cannot be recomputed from an lse of
+    # magnitude 3e38 (nor can SDPA's; DESIGN.md).
+    b, h, sk, d = 2, 2, 70, 64
+    q, k, v, _, _, _ = _make(b, h, h, sq, sk, d, dtype, device, seed=21)
+    low = torch.finfo(dtype).min
+    m = torch.zeros(b, 1, sq, sk, dtype=dtype, device=device)
+    m[0, :, :, 50:] = low
+    m[1, :, 3, :] = low
+    grad = torch.randn(q.shape, dtype=torch.float64, device=device).to(dtype)
+    grad[1, :, 3] = 0
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, attn_mask=m)
+    r_out, r_grads = _run(reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
+                          attn_mask=m.double())
+    assert_close(out, r_out, dtype)
+    assert out[1, :, 3].abs().sum() > 0  # uniform attention, not a hidden row's zeros
+    for a, e in zip(grads, r_grads):
+        assert_close(a, e, dtype, scale=_grad_scale(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_padding_tiles_are_skipped_without_changing_the_result(device):
     """Left padding (whole leading key tiles of padding) and right padding: the result
     equals attention over the unpadded keys alone."""

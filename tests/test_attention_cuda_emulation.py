@@ -243,6 +243,25 @@ def test_tc_empty_rows_and_zero_length_batches(emu):
     assert not torch.isnan(dq).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_finfo_min_additive_mask_keeps_a_fully_masked_row_uniform(emu, dtype):
+    # transformers builds additive masks from finfo(dtype).min. Times log2(e) (the kernels'
+    # score domain) that overflows to -inf; it must stay finite (mask_term_log2), so a row
+    # whose every key carries it attends to them uniformly, as softmax does, not as a hidden row.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = make(1, 2, 2, 24, 40, 64, dtype, gen)
+    m = torch.zeros(1, 1, 24, 40)
+    m[..., 30:] = torch.finfo(torch.float32).min
+    m[:, :, 3, :] = torch.finfo(torch.float32).min  # row 3: every key
+    out, lse, _ = emu.attention_forward(q, k, v, m, None, False, 0.125)
+    ref_out, ref_lse = oracle(q.double(), k.double(), v.double(), m, None, False, 0.125)
+    close(out, ref_out, dtype, "out")
+    assert not torch.allclose(out[:, :, 3].double(), torch.zeros(1, 2, 64, dtype=torch.float64))
+    rows = torch.ones(24, dtype=torch.bool)
+    rows[3] = False  # its lse is that of the clamped term (DESIGN.md)
+    close(lse[:, :, rows], ref_lse[:, :, rows], torch.float32 if dtype == torch.float32 else dtype, "lse")
+
+
 def test_tc_workspace_sizes(emu):
     q = torch.zeros(2, 4, 100, 64, dtype=torch.bfloat16)
     k = torch.zeros(2, 2, 50, 64, dtype=torch.bfloat16)

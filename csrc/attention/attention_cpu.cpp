@@ -136,6 +136,79 @@ struct VecExp {
   }
 };
 
+// The float forward's scores are in the log2 domain, as in the CUDA kernels: the
+// scale is folded into log2(e) in the Q·Kᵀ product, additive mask terms are taken
+// times log2(e) (mask_term_log2), the softmax runs on exp2, and the lse is turned
+// back into the natural domain (softmax_lse with ln 2). Float64 stays natural.
+constexpr double kLog2e = 1.4426950408889634074;
+
+// 2^x for x <= 0 (a score minus its row's reference): x is clamped to -127 (so that
+// -inf, a hidden pair, gives exactly 0), split into n = round(x) and f = x - n in
+// [-0.5, 0.5]; 2^f is Cephes' exp2f polynomial (relative error ~1e-7, below exp_u20's),
+// 2^n is built in the exponent bits (n = -127: all zero bits, 0). A NaN stays NaN (the
+// clamp returns its second operand, x, when x is NaN). Positive x (not reached) gives
+// garbage above 2^128. Without AVX2 it is exp(x ln 2).
+inline Vec<float> vexp2(const Vec<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+#define VAE_EXT_FMA(c) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c))
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  VAE_EXT_FMA(1.339887440266574e-3f); VAE_EXT_FMA(9.618437357674640e-3f); VAE_EXT_FMA(5.550332471162809e-2f);
+  VAE_EXT_FMA(2.402264791363012e-1f); VAE_EXT_FMA(6.931472028550421e-1f); VAE_EXT_FMA(1.f);
+#undef VAE_EXT_FMA
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 t = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+#define VAE_EXT_FMA(c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c))
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  VAE_EXT_FMA(1.339887440266574e-3f); VAE_EXT_FMA(9.618437357674640e-3f); VAE_EXT_FMA(5.550332471162809e-2f);
+  VAE_EXT_FMA(2.402264791363012e-1f); VAE_EXT_FMA(6.931472028550421e-1f); VAE_EXT_FMA(1.f);
+#undef VAE_EXT_FMA
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else
+  return (x * Vec<float>(static_cast<float>(1.0 / kLog2e))).exp_u20();
+#endif
+}
+
+// The exp of the softmax of accumulator type T: exp2 in the log2 domain (float), exp (double).
+template <typename T>
+inline constexpr bool kLog2Domain = std::is_same_v<T, float>;
+struct ScalarExpDomain {
+  template <typename T>
+  T operator()(T x) const {
+    if constexpr (kLog2Domain<T>) {
+      return std::exp2(x);
+    } else {
+      return std::exp(x);
+    }
+  }
+};
+template <typename T>
+inline Vec<T> vexp_domain(const Vec<T>& x) {
+  if constexpr (kLog2Domain<T>) {
+    return vexp2(x);
+  } else {
+    return vexp(x);
+  }
+}
+struct VecExpDomain {
+  template <typename T>
+  Vec<T> operator()(const Vec<T>& x) const {
+    return vexp_domain(x);
+  }
+};
+// The factor that takes a natural-domain score (scale·q·k, an lse) to T's domain.
+template <typename T>
+constexpr double domain_factor() {
+  return kLog2Domain<T> ? kLog2e : 1.0;
+}
+
 }  // namespace
 
 // attention_math.h's primitives on a vector of lanes.
@@ -369,27 +442,33 @@ inline T row_max(const T* x, int64_t n) {
   return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, x, n);
 }
 
-// x[j] = exp(x[j] - sub); returns the sum. Tail lanes are computed as -inf -> 0.
+// x[j] = exp(x[j] - sub) in T's softmax domain (vexp_domain); returns the sum. Tail
+// lanes are computed as -inf -> 0. Two vectors per step: two sums in flight.
 template <typename T>
 inline T exp_sub_sum(T* x, int64_t n, T sub) {
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vs(sub), vninf(neg_inf<T>());
-  Vec<T> acc(T(0));
+  Vec<T> acc0(T(0)), acc1(T(0));
   int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const Vec<T> e = vexp(Vec<T>::loadu(x + j) - vs);
-    e.store(x + j);
-    acc = acc + e;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    const Vec<T> e0 = vexp_domain(Vec<T>::loadu(x + j) - vs);
+    const Vec<T> e1 = vexp_domain(Vec<T>::loadu(x + j + L) - vs);
+    e0.store(x + j);
+    e1.store(x + j + L);
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
   }
-  if (j < n) {
-    const Vec<T> e = vexp(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j) - vs);
-    e.store(x + j, n - j);
-    acc = acc + e;
+  for (; j < n; j += L) {
+    const int64_t c = std::min(L, n - j);
+    const Vec<T> e = vexp_domain(Vec<T>::set(vninf, Vec<T>::loadu(x + j, c), c) - vs);
+    e.store(x + j, c);
+    acc0 = acc0 + e;
   }
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc0 + acc1);
 }
 
-// x[j] = exp(x[j] - lse) (softmax_prob_from_lse): exactly 0 where x[j] = -inf (a hidden pair).
+// x[j] = exp(x[j] - lse) in T's softmax domain (softmax_prob_from_lse): exactly 0 where
+// x[j] = -inf (a hidden pair).
 template <typename T>
 inline void exp_sub(T* x, int64_t n, T sub) {
   if (sub != sub) {  // a NaN row: NaN at every visible pair (the fast vector exp need not keep a NaN)
@@ -399,9 +478,9 @@ inline void exp_sub(T* x, int64_t n, T sub) {
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vs(sub), vninf(neg_inf<T>());
   int64_t j = 0;
-  for (; j + L <= n; j += L) softmax_prob_from_lse(Vec<T>::loadu(x + j), vs, VecExp{}).store(x + j);
+  for (; j + L <= n; j += L) softmax_prob_from_lse(Vec<T>::loadu(x + j), vs, VecExpDomain{}).store(x + j);
   if (j < n) {
-    softmax_prob_from_lse(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, VecExp{}).store(x + j, n - j);
+    softmax_prob_from_lse(Vec<T>::set(vninf, Vec<T>::loadu(x + j, n - j), n - j), vs, VecExpDomain{}).store(x + j, n - j);
   }
 }
 
@@ -514,8 +593,8 @@ struct Problem {
 };
 
 // Scores tile s (mq x nk, row stride lds) of batch b, head h, queries q0.., keys
-// k0..: adds the additive mask, and sets hidden scores to -inf (bool mask, key
-// padding, causal).
+// k0..: adds the additive mask (in T's softmax domain: times log2(e) for float,
+// mask_term_log2), and sets hidden scores to -inf (bool mask, key padding, causal).
 template <typename T>
 void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0,
                  int64_t nk, uint8_t pad) {
@@ -528,11 +607,14 @@ void apply_masks(const Problem& pr, T* s, int64_t lds, int64_t b, int64_t h, int
       const int64_t off = b * p.mask_batch_stride + h * p.mask_head_stride + (q0 + r) * p.mask_row_stride + k0 * cs;
       if (p.mask_kind == MaskKind::kAdditive) {
         const float* m = static_cast<const float*>(p.mask) + off;
-        if (cs == 1) {
-          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j]));
-        } else {
-          for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], static_cast<T>(m[j * cs]));
-        }
+        auto term = [](float x) {
+          if constexpr (kLog2Domain<T>) {
+            return mask_term_log2(x, static_cast<float>(kLog2e));
+          } else {
+            return static_cast<T>(x);
+          }
+        };
+        for (int64_t j = 0; j < nk; ++j) srow[j] = masked_score(srow[j], term(m[j * cs]));
       } else {
         const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
         for (int64_t j = 0; j < nk; ++j) srow[j] = m[j * cs] ? srow[j] : ninf;
@@ -775,7 +857,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
                      q0 * p.q_row_stride;
   int64_t ldq = 0;
   const acc_t* qt_ptr = load_rows(qsrc, q_rs, mq, D, ws.q.data(), ldq);
-  const acc_t scale = static_cast<acc_t>(p.scale_f64);
+  const acc_t scale = static_cast<acc_t>(p.scale_f64 * domain_factor<acc_t>());  // in acc_t's softmax domain
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
   constexpr int64_t MR = kPanelMR, NR = panel_nr<acc_t>();
@@ -818,7 +900,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     for (int64_t r = 0; r < mq; ++r) {
       acc_t* srow = s + r * bk;
       SoftmaxRow<acc_t>& st = ws.rows[r];
-      const auto step = online_softmax_step(st.max, st.sum, softmax_new_max(st.max, row_max(srow, nk)), NaturalExp{});
+      const auto step = online_softmax_step(st.max, st.sum, softmax_new_max(st.max, row_max(srow, nk)), ScalarExpDomain{});
       if (st.max == neg_inf<acc_t>()) {  // nothing visible in this row yet
         std::fill(srow, srow + nk, acc_t(0));
         continue;
@@ -860,7 +942,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
 
   for (int64_t r = 0; r < mq; ++r) {
     const SoftmaxRow<acc_t>& st = ws.rows[r];
-    lse_out[r] = softmax_lse(st);
+    lse_out[r] = softmax_lse(st.max, st.sum, static_cast<acc_t>(1.0 / domain_factor<acc_t>()));
     if (with_out) {
       acc_t* a = ws.acc.data() + r * D;
       scale_row(a, D, softmax_out_scale(st));
@@ -919,6 +1001,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
   const auto* dout_base = static_cast<const scalar_t*>(bp.dout);
   const auto* out_base = static_cast<const scalar_t*>(p.out);
   const acc_t scale = static_cast<acc_t>(p.scale_f64);
+  const acc_t scale_domain = static_cast<acc_t>(p.scale_f64 * domain_factor<acc_t>());
 
   // Row statistics: delta = rowsum(dout * out) and the lse, in acc_t. float32
   // math keeps them in the float32 buffers of the params; float64 keeps its own
@@ -1065,10 +1148,10 @@ void backward_impl(const AttentionBackwardParams& bp) {
             nan_g = fg == 1;
           }
 
-          // P = exp(scale q kᵀ + mask - lse)
-          gemm<acc_t>(false, true, mq, nk, D, scale, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+          // P = exp(scale q kᵀ + mask - lse), in acc_t's softmax domain
+          gemm<acc_t>(false, true, mq, nk, D, scale_domain, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
           apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
-          for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r]);
+          for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r] * static_cast<acc_t>(domain_factor<acc_t>()));
           // dP = dout vᵀ
           gemm<acc_t>(false, true, mq, nk, D, acc_t(1), gptr, ldg, vptr, ldv, acc_t(0), dpb, bk, ws.pack);
           if (pr.dropout) {

@@ -163,7 +163,7 @@ struct MaskCtx {
     if (i >= q_len) return -INFINITY;
     const int64_t off = static_cast<int64_t>(i) * mask_row + static_cast<int64_t>(j) * mask_col;
     if (kind == MaskKind::kBool) return static_cast<const uint8_t*>(mask)[off] != 0 ? 0.f : -INFINITY;
-    return static_cast<const float*>(mask)[off] * kLog2e;
+    return mask_term_log2(static_cast<const float*>(mask)[off], kLog2e);
   }
 };
 

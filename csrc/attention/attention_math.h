@@ -44,6 +44,18 @@ VAE_HD T masked_score(T score, T term) {
   return term == -std::numeric_limits<T>::infinity() ? term : score + term;
 }
 
+// An additive mask term in the log2 domain (the kernels whose scores are scale·log2(e)·q·k):
+// term · log2(e), with -inf kept (a hidden pair) and a finite term kept finite. A term below
+// -FLT_MAX / log2(e), such as the finfo(float32).min masks transformers builds, would
+// overflow to -inf and hide a pair that the natural-domain softmax only pushes down (a row
+// whose keys all carry it attends to them uniformly there): it becomes -FLT_MAX, as
+// score + term already is in the natural domain.
+template <typename T>
+VAE_HD T mask_term_log2(T term, T log2e) {
+  const T t = term * log2e;
+  return t == -std::numeric_limits<T>::infinity() && term != t ? -std::numeric_limits<T>::max() : t;
+}
+
 // ---------------------------------------------------------------- primitives
 
 // The formulas below are templates over the value type V: the CUDA kernels use them
