@@ -142,6 +142,17 @@ struct VecExp {
 // back into the natural domain (softmax_lse with ln 2). Float64 stays natural.
 constexpr double kLog2e = 1.4426950408889634074;
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// 2^n for integral n in [-127, 0] (float lanes): the biased exponent n + 127 in the exponent bits.
+inline Vec<float> pow2_int(const Vec<float>& n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+#else
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+#endif
+}
+#endif
+
 // 2^x for x <= 0 (a score minus its row's reference): x is clamped to -127 (so that
 // -inf, a hidden pair, gives exactly 0), split into n = round(x) and f = x - n in
 // [-0.5, 0.5]; 2^f is Cephes' exp2f polynomial (relative error ~1e-7, below exp_u20's),
@@ -149,28 +160,18 @@ constexpr double kLog2e = 1.4426950408889634074;
 // clamp returns its second operand, x, when x is NaN). Positive x (not reached) gives
 // garbage above 2^128. Without AVX2 it is exp(x ln 2).
 inline Vec<float> vexp2(const Vec<float>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-#define VAE_EXT_FMA(c) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c))
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  VAE_EXT_FMA(1.339887440266574e-3f); VAE_EXT_FMA(9.618437357674640e-3f); VAE_EXT_FMA(5.550332471162809e-2f);
-  VAE_EXT_FMA(2.402264791363012e-1f); VAE_EXT_FMA(6.931472028550421e-1f); VAE_EXT_FMA(1.f);
-#undef VAE_EXT_FMA
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 t = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-#define VAE_EXT_FMA(c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c))
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  VAE_EXT_FMA(1.339887440266574e-3f); VAE_EXT_FMA(9.618437357674640e-3f); VAE_EXT_FMA(5.550332471162809e-2f);
-  VAE_EXT_FMA(2.402264791363012e-1f); VAE_EXT_FMA(6.931472028550421e-1f); VAE_EXT_FMA(1.f);
-#undef VAE_EXT_FMA
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using F = Vec<float>;
+  const F t = at::vec::clamp_min(x, F(-127.f));  // max(-127, x): x itself when x is NaN
+  const F n = t.round();                         // to nearest
+  const F f = t - n;
+  F p(1.535336188319500e-4f);
+#pragma GCC unroll 8
+  for (const float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
+                        6.931472028550421e-1f, 1.f}) {
+    p = at::vec::fmadd(p, f, F(c));
+  }
+  return p * pow2_int(n);
 #else
   return (x * Vec<float>(static_cast<float>(1.0 / kLog2e))).exp_u20();
 #endif
