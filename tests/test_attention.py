@@ -414,6 +414,32 @@ def test_forward_on_packed_panels_matches_the_reference(shape, masks, dtype, lay
 
 
 @requires_ext
+@pytest.mark.parametrize("shape,masks,dtype,layout,dropout_p", _PANEL_CASES[:3] + _PANEL_CASES[4:] + [
+    ((2, 4, 2, 37, 53, 24), "causal+padding+bool", torch.float32, "contiguous", 0.0),  # small, 8-wide last panel
+    ((1, 3, 1, 70, 45, 60), "float", torch.float32, "bshd", 0.25),
+])
+def test_backward_on_packed_panels_matches_the_reference(shape, masks, dtype, layout, dropout_p):
+    """The backward's five tile products on panels and through the BLAS: both match float64 autograd
+    of the reference, same dropout mask."""
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, dtype, "cpu", seed=6, masks=masks, layout=layout)
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=13)
+    grad = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+    _, expected = _run(vae_ext.reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
+                       **{**kw, "attn_mask": _as_double(am)})
+    before = vae_ext._C._set_attention_cpu_panels(True)
+    try:
+        _, on = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+        vae_ext._C._set_attention_cpu_panels(False)
+        _, off = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+    finally:
+        vae_ext._C._set_attention_cpu_panels(before)
+    for a, o, e in zip(on, off, expected):
+        assert_close(a, e, dtype, scale=_grad_scale(dtype))
+        assert_close(o, e, dtype, scale=_grad_scale(dtype))
+
+
+@requires_ext
 def test_packed_panels_keep_a_hidden_nan_out():
     """A NaN in the value of a padded key or a key hidden by the causal mask reaches no output row
     on the panel path (the tile is redone with products that skip zero weights)."""

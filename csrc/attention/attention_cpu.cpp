@@ -65,7 +65,7 @@ namespace {
 // per-call choice), VAE_EXT_ATTN_BWD_BLOCK_Q/_K, VAE_EXT_ATTN_GEMM=blas|vec.
 struct Config {
   int64_t fwd_block_q = 0, fwd_block_k = 0;  // 0: chosen per call
-  int64_t bwd_block_q = 64, bwd_block_k = 128;
+  int64_t bwd_block_q = 128, bwd_block_k = 128;  // with panels: 128 query rows amortise the packing
   bool blas = true;
 };
 
@@ -434,6 +434,70 @@ int64_t v_packed_cols(int64_t D) {
   int64_t n = 0;
   for (int64_t j0 = 0; j0 < D; j0 += v_panel_width<T>(D, j0)) n += v_panel_width<T>(D, j0);
   return n;
+}
+
+// Packing into panel_gemm's operands, from acc_t rows (rows x D, row stride ld):
+// MR-row blocks (element (r, d) of a block at d * MR + r), A of a product over D;
+// key panels (NR rows each, as D rows of NR), B of a product A xᵀ; column panels
+// (v_panel_width columns each, all `rows` rows of a panel contiguous), B of A x.
+// Rows and columns past the data are zero.
+template <typename T>
+void pack_row_blocks(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  const int64_t padded = (rows + kPanelMR - 1) / kPanelMR * kPanelMR;
+  for (int64_t i = 0; i < padded; ++i) {
+    T* out = dst + (i / kPanelMR) * kPanelMR * D + i % kPanelMR;
+    for (int64_t d = 0; d < D; ++d) out[d * kPanelMR] = i < rows ? x[i * ld + d] : T(0);
+  }
+}
+template <typename T>
+void pack_key_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  constexpr int64_t NR = panel_nr<T>();
+  const int64_t padded = (rows + NR - 1) / NR * NR;
+  for (int64_t j = 0; j < padded; ++j) {
+    T* out = dst + (j / NR) * NR * D + j % NR;
+    for (int64_t d = 0; d < D; ++d) out[d * NR] = j < rows ? x[j * ld + d] : T(0);
+  }
+}
+template <typename T>
+void pack_col_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  for (int64_t c0 = 0; c0 < D;) {
+    const int64_t w = v_panel_width<T>(D, c0), n = std::min(w, D - c0);
+    T* panel = dst + c0 * rows;
+    for (int64_t j = 0; j < rows; ++j) {
+      std::copy(x + j * ld + c0, x + j * ld + c0 + n, panel + j * w);
+      std::fill(panel + j * w + n, panel + (j + 1) * w, T(0));
+    }
+    c0 += w;
+  }
+}
+
+// C (m x nk) = alpha A xᵀ: A packed as MR-row blocks (k = D), x as key panels.
+template <typename T>
+void panel_gemm_keys(int64_t m, int64_t nk, int64_t D, T alpha, const T* a_blocks, const T* key_panels, T* c,
+                     int64_t ldc) {
+  constexpr int64_t NR = panel_nr<T>();
+  for (int64_t j = 0; j < nk; j += NR) {
+    panel_gemm<T, 2>(m, std::min(NR, nk - j), D, alpha, a_blocks, kPanelMR * D, 1, kPanelMR, key_panels + j * D,
+                     c + j, ldc, false);
+  }
+}
+
+// C (m x D) += alpha A x over k rows of x: x as column panels of panel_rows rows, from row
+// row0 on; A as panel_gemm takes it (a_blk, a_rs, a_cs).
+template <typename T>
+void panel_gemm_cols(int64_t m, int64_t D, int64_t k, T alpha, const T* a, int64_t a_blk, int64_t a_rs, int64_t a_cs,
+                     const T* col_panels, int64_t panel_rows, int64_t row0, T* c, int64_t ldc) {
+  constexpr int64_t NR = panel_nr<T>();
+  for (int64_t c0 = 0; c0 < D;) {
+    const int64_t w = v_panel_width<T>(D, c0), n = std::min(w, D - c0);
+    const T* panel = col_panels + c0 * panel_rows + row0 * w;
+    if (w == NR) {
+      panel_gemm<T, 2>(m, n, k, alpha, a, a_blk, a_rs, a_cs, panel, c + c0, ldc, true);
+    } else {
+      panel_gemm<T, 1>(m, n, k, alpha, a, a_blk, a_rs, a_cs, panel, c + c0, ldc, true);
+    }
+    c0 += w;
+  }
 }
 
 // ---------------------------------------------------------------- row helpers
@@ -861,17 +925,14 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const acc_t scale = static_cast<acc_t>(p.scale_f64 * domain_factor<acc_t>());  // in acc_t's softmax domain
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
-  constexpr int64_t MR = kPanelMR, NR = panel_nr<acc_t>();
+  constexpr int64_t MR = kPanelMR;
   const acc_t* kpan = nullptr;
   const acc_t* vpan = nullptr;
-  if (kv != nullptr) {  // the Q tile as MR-row blocks (element (r, d) of a block at d * MR + r)
+  if (kv != nullptr) {  // the Q tile as MR-row blocks
     kpan = kv->k.get() + (b * pr.Hkv + hk) * kv->k_head;
     vpan = kv->v.get() + (b * pr.Hkv + hk) * kv->v_head;
     ws.qp.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * D));
-    for (int64_t i = 0; i < mq; ++i) {
-      acc_t* dst = ws.qp.data() + (i / MR) * MR * D + i % MR;
-      for (int64_t d = 0; d < D; ++d) dst[d * MR] = qt_ptr[i * ldq + d];
-    }
+    pack_row_blocks(qt_ptr, ldq, mq, D, ws.qp.data());
   }
 
   // careful: the P V products of tiles with hidden pairs skip the zero weights where V holds
@@ -885,10 +946,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     if (pad == kAllPadding) continue;
     const int64_t k0 = kt * bk, nk = std::min(bk, end - k0);
     if (kpan != nullptr) {  // key panels start at multiples of NR (k0 is a multiple of bk, of 64)
-      for (int64_t j = 0; j < nk; j += NR) {
-        panel_gemm<acc_t, 2>(mq, std::min(NR, nk - j), D, scale, ws.qp.data(), MR * D, 1, MR, kpan + (k0 + j) * D,
-                             s + j, bk, false);
-      }
+      panel_gemm_keys(mq, nk, D, scale, ws.qp.data(), kpan + k0 * D, s, bk);
     } else {
       const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                          k0 * p.k_row_stride;
@@ -918,16 +976,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
     const bool careful_tile = careful && tile_hides_pairs(pr, pad);
     if (vpan != nullptr && !careful_tile) {
-      for (int64_t c0 = 0; c0 < D;) {
-        const int64_t w = v_panel_width<acc_t>(D, c0), n = std::min(w, D - c0);
-        const acc_t* panel = vpan + c0 * pr.Sk + k0 * w;
-        if (w == NR) {
-          panel_gemm<acc_t, 2>(mq, n, nk, acc_t(1), s, MR * bk, bk, 1, panel, ws.acc.data() + c0, D, true);
-        } else {
-          panel_gemm<acc_t, 1>(mq, n, nk, acc_t(1), s, MR * bk, bk, 1, panel, ws.acc.data() + c0, D, true);
-        }
-        c0 += w;
-      }
+      panel_gemm_cols(mq, D, nk, acc_t(1), s, MR * bk, bk, 1, vpan, pr.Sk, k0, ws.acc.data(), D);
       continue;
     }
     const auto* vsrc = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
@@ -989,8 +1038,15 @@ void forward_impl(const AttentionParams& p) {
 template <typename acc_t>
 struct BwdWorkspace {
   std::vector<acc_t> q, k, v, dout, s, dp, z, dk, dv, pack;
+  // panel operands (use_bwd_panels): K and V of the key tile as key panels, K as column
+  // panels; Q and dout of the query tile as MR-row blocks and as column panels
+  std::vector<acc_t> k_keys, v_keys, k_cols, q_blocks, g_blocks, q_cols, g_cols;
   std::vector<int8_t> nan_q, nan_dout;  // per (query head of the group, query tile): -1 unknown, 0, 1
 };
+
+// Whether the backward runs its five tile products on panels (float accumulation, the
+// panel switch on); else the BLAS.
+inline bool use_bwd_panels(bool float_acc) { return float_acc && attention_cpu_panels(); }
 
 template <typename scalar_t>
 void backward_impl(const AttentionBackwardParams& bp) {
@@ -1081,13 +1137,28 @@ void backward_impl(const AttentionBackwardParams& bp) {
     if (direct_dq) {  // this task owns dq of heads hk * G .. hk * G + G - 1 of batch b
       std::fill(dq_acc + (b * H + hk * G) * Sq * D, dq_acc + (b * H + hk * G + G) * Sq * D, acc_t(0));
     }
-    ws.s.resize(static_cast<size_t>(bq * bk));
+    // Whole MR-row blocks of s / dp / z, and a vector past the end: the panel products read
+    // every row of a block (of queries, or of keys for Pᵀ and dSᵀ) without storing the extra ones.
+    const bool panels = use_bwd_panels(std::is_same_v<acc_t, float>);
+    const int64_t tile_elems = (bq + kPanelMR - 1) / kPanelMR * kPanelMR * bk + kPanelMR;
+    const int64_t dpad = v_packed_cols<acc_t>(D), kpad = (bk + panel_nr<acc_t>() - 1) / panel_nr<acc_t>() *
+                                                         panel_nr<acc_t>();
+    if (panels) {
+      ws.k_keys.resize(static_cast<size_t>(kpad * D));
+      ws.v_keys.resize(static_cast<size_t>(kpad * D));
+      ws.k_cols.resize(static_cast<size_t>(bk * dpad));
+      ws.q_blocks.resize(static_cast<size_t>((bq + kPanelMR - 1) / kPanelMR * kPanelMR * D));
+      ws.g_blocks.resize(ws.q_blocks.size());
+      ws.q_cols.resize(static_cast<size_t>(bq * dpad));
+      ws.g_cols.resize(static_cast<size_t>(bq * dpad));
+    }
+    ws.s.resize(static_cast<size_t>(tile_elems));
     ws.nan_q.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));  // the flags of this task's query tiles
     ws.nan_dout.assign(static_cast<size_t>(G * pr.n_q_tiles), int8_t(-1));
-    ws.dp.resize(static_cast<size_t>(bq * bk));
+    ws.dp.resize(static_cast<size_t>(tile_elems));
     ws.dk.resize(static_cast<size_t>(bk * D));
     ws.dv.resize(static_cast<size_t>(bk * D));
-    if (pr.dropout) ws.z.resize(static_cast<size_t>(bq * bk));
+    if (pr.dropout) ws.z.resize(static_cast<size_t>(tile_elems));
     if (!std::is_same_v<scalar_t, acc_t>) {
       ws.q.resize(static_cast<size_t>(bq * D));
       ws.dout.resize(static_cast<size_t>(bq * D));
@@ -1125,6 +1196,11 @@ void backward_impl(const AttentionBackwardParams& bp) {
       // tile, q and dout once per query tile of the task (cached).
       const bool hides = tile_hides_pairs(pr, pad);
       const bool nan_k = hides && any_nan_rows(kptr, ldk, nk, D);
+      if (panels) {
+        pack_key_panels(kptr, ldk, nk, D, ws.k_keys.data());
+        pack_key_panels(vptr, ldv, nk, D, ws.v_keys.data());
+        pack_col_panels(kptr, ldk, nk, D, ws.k_cols.data());
+      }
 
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = hk * G + hh, bh = b * H + h;
@@ -1149,12 +1225,36 @@ void backward_impl(const AttentionBackwardParams& bp) {
             nan_g = fg == 1;
           }
 
+          if (panels) {
+            pack_row_blocks(qptr, ldq, mq, D, ws.q_blocks.data());
+            pack_row_blocks(gptr, ldg, mq, D, ws.g_blocks.data());
+            pack_col_panels(qptr, ldq, mq, D, ws.q_cols.data());
+            pack_col_panels(gptr, ldg, mq, D, ws.g_cols.data());
+          }
+          // C (nk x D) += alpha Aᵀ x, A (mq x nk) one of this tile's buffers, x the query tile's q or dout
+          // (its column panels / rows); careful: over A's nonzero entries only.
+          auto product_t = [&](bool careful, acc_t alpha, const acc_t* a, const acc_t* cols, const acc_t* x,
+                               int64_t ldx, acc_t* c) {
+            if (panels && !careful) {
+              panel_gemm_cols(nk, D, mq, alpha, a, kPanelMR, 1, bk, cols, mq, 0, c, D);
+            } else {
+              gemm_or_skip<acc_t>(careful, true, nk, D, mq, alpha, a, bk, x, ldx, c, D, ws.pack);
+            }
+          };
           // P = exp(scale q kᵀ + mask - lse), in acc_t's softmax domain
-          gemm<acc_t>(false, true, mq, nk, D, scale_domain, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+          if (panels) {
+            panel_gemm_keys(mq, nk, D, scale_domain, ws.q_blocks.data(), ws.k_keys.data(), s, bk);
+          } else {
+            gemm<acc_t>(false, true, mq, nk, D, scale_domain, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
+          }
           apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
           for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r] * static_cast<acc_t>(domain_factor<acc_t>()));
           // dP = dout vᵀ
-          gemm<acc_t>(false, true, mq, nk, D, acc_t(1), gptr, ldg, vptr, ldv, acc_t(0), dpb, bk, ws.pack);
+          if (panels) {
+            panel_gemm_keys(mq, nk, D, acc_t(1), ws.g_blocks.data(), ws.v_keys.data(), dpb, bk);
+          } else {
+            gemm<acc_t>(false, true, mq, nk, D, acc_t(1), gptr, ldg, vptr, ldv, acc_t(0), dpb, bk, ws.pack);
+          }
           if (pr.dropout) {
             acc_t* z = ws.z.data();
             dropout_tile(pr, bh * Sq + q0, mq, k0, nk, z, bk);
@@ -1163,9 +1263,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
               mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
             }
             // dv += dropped Pᵀ dout
-            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), z, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
+            product_t(nan_g, acc_t(1), z, ws.g_cols.data(), gptr, ldg, ws.dv.data());
           } else {
-            gemm_or_skip<acc_t>(nan_g, true, nk, D, mq, acc_t(1), s, bk, gptr, ldg, ws.dv.data(), D, ws.pack);
+            product_t(nan_g, acc_t(1), s, ws.g_cols.data(), gptr, ldg, ws.dv.data());
           }
           // dS = softmax_grad(P, dP, delta), in place of dP
           for (int64_t r = 0; r < mq; ++r) {
@@ -1174,9 +1274,14 @@ void backward_impl(const AttentionBackwardParams& bp) {
                                  dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
           // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
-          gemm_or_skip<acc_t>(nan_q, true, nk, D, mq, scale, dpb, bk, qptr, ldq, ws.dk.data(), D, ws.pack);
-          gemm_or_skip<acc_t>(nan_k, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
-                              ws.pack);
+          product_t(nan_q, scale, dpb, ws.q_cols.data(), qptr, ldq, ws.dk.data());
+          if (panels && !nan_k) {
+            panel_gemm_cols(mq, D, nk, scale, dpb, kPanelMR * bk, bk, 1, ws.k_cols.data(), nk, 0,
+                            dq_acc + (bh * Sq + q0) * D, D);
+          } else {
+            gemm_or_skip<acc_t>(nan_k, false, mq, D, nk, scale, dpb, bk, kptr, ldk, dq_acc + (bh * Sq + q0) * D, D,
+                                ws.pack);
+          }
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
