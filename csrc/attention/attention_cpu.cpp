@@ -437,26 +437,25 @@ int64_t v_packed_cols(int64_t D) {
 }
 
 // Packing into panel_gemm's operands, from acc_t rows (rows x D, row stride ld):
-// MR-row blocks (element (r, d) of a block at d * MR + r), A of a product over D;
-// key panels (NR rows each, as D rows of NR), B of a product A xᵀ; column panels
-// (v_panel_width columns each, all `rows` rows of a panel contiguous), B of A x.
-// Rows and columns past the data are zero.
-template <typename T>
-void pack_row_blocks(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
-  const int64_t padded = (rows + kPanelMR - 1) / kPanelMR * kPanelMR;
+// interleaved groups of G rows (element (r, d) of a group at d * G + r): with G = MR
+// the A of a product over D, with G = NR key panels, the B of a product A xᵀ;
+// column panels (v_panel_width columns each, all `rows` rows of a panel contiguous),
+// the B of A x. Rows and columns past the data are zero.
+template <int64_t G, typename T>
+void pack_interleaved(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  const int64_t padded = (rows + G - 1) / G * G;
   for (int64_t i = 0; i < padded; ++i) {
-    T* out = dst + (i / kPanelMR) * kPanelMR * D + i % kPanelMR;
-    for (int64_t d = 0; d < D; ++d) out[d * kPanelMR] = i < rows ? x[i * ld + d] : T(0);
+    T* out = dst + (i / G) * G * D + i % G;
+    for (int64_t d = 0; d < D; ++d) out[d * G] = i < rows ? x[i * ld + d] : T(0);
   }
 }
 template <typename T>
+void pack_row_blocks(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  pack_interleaved<kPanelMR>(x, ld, rows, D, dst);
+}
+template <typename T>
 void pack_key_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
-  constexpr int64_t NR = panel_nr<T>();
-  const int64_t padded = (rows + NR - 1) / NR * NR;
-  for (int64_t j = 0; j < padded; ++j) {
-    T* out = dst + (j / NR) * NR * D + j % NR;
-    for (int64_t d = 0; d < D; ++d) out[d * NR] = j < rows ? x[j * ld + d] : T(0);
-  }
+  pack_interleaved<panel_nr<T>()>(x, ld, rows, D, dst);
 }
 template <typename T>
 void pack_col_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
