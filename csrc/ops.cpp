@@ -78,7 +78,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = std::string(VAE_EXT_BUILT_WITH_TORCH);
     return info;
   });
-  // Tests and benchmarks only: the CPU attention forward's tile products on packed panels or not.
+  // Tests and benchmarks only: the CPU attention tile products (forward and backward) on packed panels or not.
   m.def("_set_attention_cpu_panels", [](bool on) {
     const bool before = vae_ext::attention_cpu_panels();
     vae_ext::set_attention_cpu_panels(on);

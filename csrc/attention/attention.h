@@ -107,7 +107,7 @@ struct AttentionBackwardParams {
   bool deterministic = false;
 };
 
-// Whether the CPU forward runs its tile products on packed panels (attention_cpu.cpp) where
+// Whether the CPU forward and backward run their tile products on packed panels (attention_cpu.cpp) where
 // they pay, rather than through the BLAS: on unless VAE_EXT_ATTN_GEMM=blas or vec; tests
 // and benchmarks switch it in-process (_C._set_attention_cpu_panels). Defined in attention.cpp
 // (one flag for every CPU capability's kernels).

@@ -82,7 +82,8 @@ const Config& config() {
     get("VAE_EXT_ATTN_BWD_BLOCK_Q", c.bwd_block_q, 1);
     get("VAE_EXT_ATTN_BWD_BLOCK_K", c.bwd_block_k, 64);
     // VAE_EXT_ATTN_GEMM: "vec" (at::vec kernel for every product, no BLAS), "blas" (BLAS for every
-    // product, no forward panels: attention_cpu_panels()); default: forward panels, BLAS elsewhere.
+    // product, no panels: attention_cpu_panels()); default: panels where use_kv_panels /
+    // use_bwd_panels take them, BLAS elsewhere.
     if (const char* s = std::getenv("VAE_EXT_ATTN_GEMM")) c.blas = std::strcmp(s, "vec") != 0;
     return c;
   }();
@@ -390,9 +391,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 }
 
 
-// ---------------------------------------------------------------- packed-panel products (forward)
+// ---------------------------------------------------------------- packed-panel products
 //
-// The forward's two tile products, S = scale Q Kᵀ and O += P V, on operands laid out
+// The tile products (the forward's S = scale Q Kᵀ and O += P V; the backward's five
+// likewise, with K, V, Q and dO packed per tile), on operands laid out
 // for a register-blocked kernel: an MR x (NV vectors) block of C in registers, A
 // broadcast one element at a time, B read as whole vectors from a contiguous panel
 // (k rows of NV vectors). K and V are packed into such panels once per call (every
@@ -439,8 +441,8 @@ int64_t v_packed_cols(int64_t D) {
 // Packing into panel_gemm's operands, from acc_t rows (rows x D, row stride ld):
 // interleaved groups of G rows (element (r, d) of a group at d * G + r): with G = MR
 // the A of a product over D, with G = NR key panels, the B of a product A xᵀ;
-// column panels (v_panel_width columns each, all `rows` rows of a panel contiguous),
-// the B of A x. Rows and columns past the data are zero.
+// column panels (v_panel_width columns each; a panel's rows contiguous, panel_rows of
+// them, these from row0 on), the B of A x. Rows and columns past the data are zero.
 template <int64_t G, typename T>
 void pack_interleaved(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
   const int64_t padded = (rows + G - 1) / G * G;
@@ -458,16 +460,20 @@ void pack_key_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
   pack_interleaved<panel_nr<T>()>(x, ld, rows, D, dst);
 }
 template <typename T>
-void pack_col_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+void pack_col_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t panel_rows, int64_t row0) {
   for (int64_t c0 = 0; c0 < D;) {
     const int64_t w = v_panel_width<T>(D, c0), n = std::min(w, D - c0);
-    T* panel = dst + c0 * rows;
+    T* panel = dst + c0 * panel_rows + row0 * w;
     for (int64_t j = 0; j < rows; ++j) {
       std::copy(x + j * ld + c0, x + j * ld + c0 + n, panel + j * w);
       std::fill(panel + j * w + n, panel + (j + 1) * w, T(0));
     }
     c0 += w;
   }
+}
+template <typename T>
+void pack_col_panels(const T* x, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  pack_col_panels(x, ld, rows, D, dst, rows, 0);
 }
 
 // C (m x nk) = alpha A xᵀ: A packed as MR-row blocks (k = D), x as key panels.
@@ -863,34 +869,23 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
   const int64_t D = pr.D, Sk = pr.Sk, Skp = (Sk + NR - 1) / NR * NR;
   kv.k_head = Skp * D;
   kv.v_head = Sk * v_packed_cols<acc_t>(D);
-  const int64_t heads = pr.B * pr.Hkv, chunks = (Skp + kChunk - 1) / kChunk;
+  const int64_t heads = pr.B * pr.Hkv, chunks = (Sk + kChunk - 1) / kChunk;
   kv.k.reset(new acc_t[static_cast<size_t>(heads * kv.k_head)]);
   kv.v.reset(new acc_t[static_cast<size_t>(heads * kv.v_head)]);
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(static_cast<size_t>(D));
+    std::vector<acc_t> buf(static_cast<size_t>(kChunk * D));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, b = bh / pr.Hkv, hk = bh % pr.Hkv, j0 = (t % chunks) * kChunk;
-      const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-      const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-      acc_t* kp = kv.k.get() + bh * kv.k_head;
-      acc_t* vp = kv.v.get() + bh * kv.v_head;
-      for (int64_t j = j0; j < std::min(Skp, j0 + kChunk); ++j) {
-        acc_t* kd = kp + (j / NR) * NR * D + j % NR;
-        if (j >= Sk) {
-          for (int64_t d = 0; d < D; ++d) kd[d * NR] = acc_t(0);
-          continue;
-        }
-        load_widen(K + j * p.k_row_stride, row.data(), static_cast<int>(D));
-        for (int64_t d = 0; d < D; ++d) kd[d * NR] = row[d];
-        load_widen(V + j * p.v_row_stride, row.data(), static_cast<int>(D));
-        for (int64_t c0 = 0; c0 < D;) {
-          const int64_t w = v_panel_width<acc_t>(D, c0), n = std::min(w, D - c0);
-          acc_t* vd = vp + c0 * Sk + j * w;
-          std::copy(row.data() + c0, row.data() + c0 + n, vd);
-          std::fill(vd + n, vd + w, acc_t(0));
-          c0 += w;
-        }
-      }
+      const int64_t n = std::min(kChunk, Sk - j0);  // keys of the chunk (the last key panel is zero-padded)
+      const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                      j0 * p.k_row_stride;
+      const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                      j0 * p.v_row_stride;
+      int64_t ld = 0;
+      const acc_t* k_rows = load_rows(K, p.k_row_stride, n, D, buf.data(), ld);
+      pack_key_panels(k_rows, ld, n, D, kv.k.get() + bh * kv.k_head + j0 * D);
+      const acc_t* v_rows = load_rows(V, p.v_row_stride, n, D, buf.data(), ld);
+      pack_col_panels(v_rows, ld, n, D, kv.v.get() + bh * kv.v_head, Sk, j0);
     }
   });
 }
