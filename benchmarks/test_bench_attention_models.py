@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from vae_ext.bench_shapes import MODEL_SHAPES, TRAINING_SHAPES, call
+from vae_ext.bench_shapes import MODEL_SHAPES, RANGE_SHAPES, TRAINING_SHAPES, call
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -46,10 +46,11 @@ def test_attention_model_shapes_forward_backward(benchmark, shape, impl, dtype):
     _bench(benchmark, shape, impl, dtype, backward=True)
 
 
-def alternating(dtypes, reps, backward, panels_ab=False):
+def alternating(dtypes, reps, backward, panels_ab=False, shapes=None):
     """Median ms of alternating calls in one process. panels_ab: the fused forward twice, with the CPU
     tile products on packed panels and through the BLAS (vae_ext._C._set_attention_cpu_panels), the
-    call order rotated every round."""
+    call order rotated every round. shapes: the shapes to time (default: the model shapes, or the
+    training shapes with backward)."""
     import vae_ext
 
     set_panels = vae_ext._C._set_attention_cpu_panels
@@ -60,7 +61,9 @@ def alternating(dtypes, reps, backward, panels_ab=False):
               "\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     else:
         print("| family | shape | dtype | fused ms | SDPA ms | SDPA / fused |\n|---|---|---|---:|---:|---:|")
-    for shape in (TRAINING_SHAPES if backward else MODEL_SHAPES):
+    if shapes is None:
+        shapes = TRAINING_SHAPES if backward else MODEL_SHAPES
+    for shape in shapes:
         for dtype in dtypes:
             fused, sdpa = call(shape, "fused", dtype, backward), call(shape, "sdpa", dtype, backward)
             if panels_ab:
@@ -97,5 +100,10 @@ if __name__ == "__main__":
     ap.add_argument("--backward", action="store_true", help="forward+backward at the training shapes")
     ap.add_argument("--panels-ab", action="store_true",
                     help="the fused CPU forward with and without the packed-panel tile products, and SDPA")
+    ap.add_argument("--range", action="store_true",
+                    help="the forward at the ends of each family's range of sizes (bench_shapes.RANGE_SHAPES)")
     a = ap.parse_args()
-    alternating([getattr(torch, d) for d in a.dtypes], a.reps, a.backward, a.panels_ab)
+    if a.range and a.backward:
+        ap.error("--range times the forward only")
+    alternating([getattr(torch, d) for d in a.dtypes], a.reps, a.backward, a.panels_ab,
+                RANGE_SHAPES if a.range else None)

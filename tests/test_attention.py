@@ -440,6 +440,32 @@ def test_backward_on_packed_panels_matches_the_reference(shape, masks, dtype, la
 
 
 @requires_ext
+@pytest.mark.parametrize("h,hkv,sq,sk,d,masks", [
+    (32, 8, 1, 128, 128, "none"),          # decode: the 4 heads of a kv head as one 4-row tile
+    (16, 2, 1, 77, 40, "padding"),         # 8 rows, D with a part-vector tail
+    (9, 1, 1, 300, 72, "float"),           # 9 rows: past the few-rows path, through the BLAS
+    (4, 4, 5, 130, 8, "causal+padding"),   # 5-row tiles, D below one vector
+    (2, 1, 3, 64, 64, "bool+padding"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_query_rows_match_the_reference(h, hkv, sq, sk, d, masks, dtype):
+    """Tiles of at most 8 query rows (decoding, short queries) multiply without packing
+    (gemm_few_rows): forward and gradients match float64 autograd of the reference."""
+    q, k, v, am, kpm, causal = _make(2, h, hkv, sq, sk, d, dtype, "cpu", seed=8, masks=masks)
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal)
+    grad = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+    e_out, e_grads = _run(vae_ext.reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
+                          **{**kw, "attn_mask": _as_double(am)})
+    out, grads = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+    with torch.inference_mode():
+        inf_out = vae_ext.masked_attention(q, k, v, **kw)
+    assert_close(out, e_out, dtype)
+    assert_close(inf_out, e_out, dtype)
+    for g, e in zip(grads, e_grads):
+        assert_close(g, e, dtype, scale=_grad_scale(dtype))
+
+
+@requires_ext
 def test_packed_panels_keep_a_hidden_nan_out():
     """A NaN in the value of a padded key or a key hidden by the causal mask reaches no output row
     on the panel path (the tile is redone with products that skip zero weights)."""

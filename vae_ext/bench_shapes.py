@@ -37,6 +37,26 @@ MODEL_SHAPES = [
     Shape("LLM prefill GQA", 1, 32, 8, 1024, 1024, 128, "causal"),
     Shape("LLM decode GQA", 1, 32, 8, 1, 1024, 128, None),
 ]
+# The ends of each family's usual range of sizes (issue 15), timed forward by
+# `benchmarks/test_bench_attention_models.py --range`: other ViT resolutions, BERT at S256, the SD VAE
+# mid-block at 32x32 and 128x128 latents, UNet self- and cross-attention at head dims 64, 80 and 160,
+# LLM prefill at S256 and S4096, decode over 128 and 8192 cached keys.
+RANGE_SHAPES = [
+    Shape("ViT-B/16", 8, 12, 12, 197, 197, 64, None),
+    Shape("ViT-S/16 384px", 4, 6, 6, 577, 577, 64, None),
+    Shape("BERT-base padded S256", 8, 12, 12, 256, 256, 64, "padding"),
+    Shape("SD VAE mid-block 32x32", 1, 1, 1, 1024, 1024, 512, None),
+    Shape("SD VAE mid-block 128x128", 1, 1, 1, 16384, 16384, 512, None),
+    Shape("SD2 UNet self-attn D64", 2, 5, 5, 4096, 4096, 64, None),
+    Shape("SD UNet self-attn D80", 2, 8, 8, 1024, 1024, 80, None),
+    Shape("SD UNet self-attn D160", 2, 8, 8, 1024, 1024, 160, None),
+    Shape("SD UNet cross-attn D80", 2, 8, 8, 1024, 77, 80, None),
+    Shape("SD UNet cross-attn D160", 2, 8, 8, 256, 77, 160, None),
+    Shape("LLM prefill GQA S256", 1, 32, 8, 256, 256, 128, "causal"),
+    Shape("LLM prefill GQA S4096", 1, 32, 8, 4096, 4096, 128, "causal"),
+    Shape("LLM decode GQA Sk128", 1, 32, 8, 1, 128, 128, None),
+    Shape("LLM decode GQA Sk8192", 1, 32, 8, 1, 8192, 128, None),
+]
 # The families whose fwd+bwd a CPU takes seconds for: `vae-ext bench --quick` leaves them out.
 SLOW_ON_CPU = ("SD VAE mid-block 64x64", "SD UNet self-attn", "ViT-B/16 384px", "LLM prefill GQA")
 # Timed forward+backward too: the shapes models are trained at (the SD VAE and UNet self-attention

@@ -51,6 +51,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (0 = back to the global one): run_tasks' serial path sets 1.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // mkl_service.h's C name (the lowercase one is Fortran's)
 }
 
 namespace vae_ext {
@@ -370,6 +372,55 @@ bool blas_usable() {
   return ok;
 }
 
+// C = alpha A op(B) + beta C for a few rows of A (row-major, not transposed), with no
+// packing: decoding's tiles are the G query heads of one kv head (1-8 rows), where the
+// BLAS spent more time copying B into its panels than multiplying (perf, 1x32/8x1x128).
+// op(B) = Bᵀ: one key row against every row of A per step, a horizontal sum per entry;
+// op(B) = B: each B row is loaded once and added to every row of C.
+constexpr int64_t kSmallGemmRows = 8;
+template <typename T>
+void gemm_few_rows(bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                   int64_t ldb, T beta, T* c, int64_t ldc) {
+  constexpr int64_t L = Vec<T>::size();
+  auto finish = [&](T* cij, T x) { *cij = beta == T(0) ? alpha * x : alpha * x + beta * *cij; };
+  if (trans_b) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* bj = b + j * ldb;
+      for (int64_t i = 0; i < m; ++i) {
+        const T* ai = a + i * lda;
+        Vec<T> acc0(T(0)), acc1(T(0));
+        int64_t p = 0;
+        for (; p + 2 * L <= k; p += 2 * L) {
+          acc0 = at::vec::fmadd(Vec<T>::loadu(ai + p), Vec<T>::loadu(bj + p), acc0);
+          acc1 = at::vec::fmadd(Vec<T>::loadu(ai + p + L), Vec<T>::loadu(bj + p + L), acc1);
+        }
+        for (; p < k; p += L) {
+          const int64_t w = std::min(L, k - p);
+          acc0 = at::vec::fmadd(Vec<T>::loadu(ai + p, w), Vec<T>::loadu(bj + p, w), acc0);
+        }
+        finish(c + i * ldc + j, at::vec::vec_reduce_all<T>([](Vec<T> x, Vec<T> y) { return x + y; }, acc0 + acc1));
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {  // C row i = alpha sum_p a_ip B_p + beta C row i
+    T* ci = c + i * ldc;
+    if (beta == T(0)) {
+      std::fill(ci, ci + n, T(0));
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < n; ++j) ci[j] *= beta;
+    }
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const T* bp = b + p * ldb;
+    for (int64_t i = 0; i < m; ++i) {
+      const Vec<T> w(alpha * a[i * lda + p]);
+      T* ci = c + i * ldc;
+      at::vec::map2<T>([w](Vec<T> o, Vec<T> x) { return at::vec::fmadd(w, x, o); }, ci, ci, bp, n);
+    }
+  }
+}
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
           const T* b, int64_t ldb, T beta, T* c, int64_t ldc, std::vector<T>& pack) {
@@ -380,7 +431,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     }
     return;
   }
-  if (config().blas && blas_usable<T>()) {
+  if (!trans_a && m <= kSmallGemmRows) {
+    gemm_few_rows<T>(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else if (config().blas && blas_usable<T>()) {
     // Column-major BLAS sees each row-major matrix transposed: Cᵀ = op(B)ᵀ op(A)ᵀ.
     blas_call(trans_b ? "T" : "N", trans_a ? "T" : "N", static_cast<int>(n), static_cast<int>(m),
               static_cast<int>(k), alpha, b, static_cast<int>(ldb), a, static_cast<int>(lda), beta, c,
@@ -817,7 +870,13 @@ void run_tasks(const std::vector<int64_t>& order, double flops, F&& f) {
   const int64_t by_size = static_cast<int64_t>(flops / kFlopsPerThread) + 1;
   const int64_t threads = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, by_size});
   if (threads <= 1 || at::in_parallel_region()) {
+    // Outside an OpenMP region MKL would spread each tile product over its own threads: for
+    // the small calls that run serially (decoding, short sequences) that fork/join per
+    // product costs more than the product (perf: MKL's omp driver and libgomp's spin wait
+    // took a third of a 1x32x1x16 GQA decode step).
+    const int prev = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     worker(0, 1);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
   } else {
     at::parallel_for(0, threads, 1, worker);
   }
