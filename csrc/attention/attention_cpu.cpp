@@ -916,7 +916,14 @@ struct KvPanels {
 // query rows per kv head (several query tiles read each packed K and V) to pay for packing
 // them once; below that (ViT-S's 197, BERT's 128, decoding) the BLAS, which packs per
 // product, is as fast (benchmarks/results/cpu-attention-models-20261202.md).
+// AVX-512 (Zen 5, 2026-12-02, `--panels-ab`): panels beat MKL by 1.28-1.41x at ViT's 197 rows
+// and tie at BERT's 128; with AVX2 on the same CPU they tie at 197 (0.95-1.01x), so AVX2 and
+// the portable build keep 256.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kPanelMinRowsPerKvHead = 192;
+#else
 constexpr int64_t kPanelMinRowsPerKvHead = 256;
+#endif
 inline bool use_kv_panels(const Problem& pr, bool float_acc) {
   return float_acc && attention_cpu_panels() && !pr.pack_heads && pr.Sq * pr.G >= kPanelMinRowsPerKvHead;
 }
