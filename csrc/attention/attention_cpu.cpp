@@ -378,6 +378,14 @@ bool blas_usable() {
 // op(B) = Bᵀ: one key row against every row of A per step, a horizontal sum per entry;
 // op(B) = B: each B row is loaded once and added to every row of C.
 constexpr int64_t kSmallGemmRows = 8;
+
+// out[0:n] += w * x[0:n]: one row of B into one row of C (gemm_few_rows, gemm_skip_zero).
+template <typename T>
+inline void axpy_row(T* out, T w, const T* x, int64_t n) {
+  const Vec<T> vw(w);
+  at::vec::map2<T>([vw](Vec<T> o, Vec<T> xv) { return at::vec::fmadd(vw, xv, o); }, out, out, x, n);
+}
+
 template <typename T>
 void gemm_few_rows(bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
                    int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -413,11 +421,7 @@ void gemm_few_rows(bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const
   }
   for (int64_t p = 0; p < k; ++p) {
     const T* bp = b + p * ldb;
-    for (int64_t i = 0; i < m; ++i) {
-      const Vec<T> w(alpha * a[i * lda + p]);
-      T* ci = c + i * ldc;
-      at::vec::map2<T>([w](Vec<T> o, Vec<T> x) { return at::vec::fmadd(w, x, o); }, ci, ci, bp, n);
-    }
+    for (int64_t i = 0; i < m; ++i) axpy_row(c + i * ldc, alpha * a[i * lda + p], bp, n);
   }
 }
 
@@ -805,9 +809,7 @@ void gemm_skip_zero(bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, cons
     T* out = c + r * ldc;
     for (int64_t p = 0; p < k; ++p) {
       const T w = trans_a ? a[p * lda + r] : a[r * lda + p];
-      if (w == T(0)) continue;
-      const Vec<T> vw(alpha * w);
-      at::vec::map2<T>([vw](Vec<T> o, Vec<T> x) { return at::vec::fmadd(vw, x, o); }, out, out, b + p * ldb, n);
+      if (w != T(0)) axpy_row(out, alpha * w, b + p * ldb, n);
     }
   }
 }
@@ -914,11 +916,10 @@ struct KvPanels {
 
 // Whether the forward runs its tile products on panels: float accumulation, and enough
 // query rows per kv head (several query tiles read each packed K and V) to pay for packing
-// them once; below that (ViT-S's 197, BERT's 128, decoding) the BLAS, which packs per
-// product, is as fast (benchmarks/results/cpu-attention-models-20261202.md).
-// AVX-512 (Zen 5, 2026-12-02, `--panels-ab`): panels beat MKL by 1.28-1.41x at ViT's 197 rows
-// and tie at BERT's 128; with AVX2 on the same CPU they tie at 197 (0.95-1.01x), so AVX2 and
-// the portable build keep 256.
+// them once; below that the BLAS, which packs per product, is as fast
+// (benchmarks/results/cpu-attention-models-20261202.md). The line: with AVX2, 256 (BERT's 128
+// and ViT's 197 tie, 0.95-1.01x); with AVX-512 (Zen 5, `--panels-ab`), 192: panels beat MKL
+// by 1.28-1.41x at ViT's 197 rows and tie at BERT's 128. Decoding's packed heads never pack.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kPanelMinRowsPerKvHead = 192;
 #else
