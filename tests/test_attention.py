@@ -684,6 +684,73 @@ def test_bad_input_raises_naming_the_argument():
         vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool, device="meta"))
 
 
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"is_causal": True, "causal_alignment": "lower_right"},
+                                {"scale": 0.3}, {"scale": 1}, {"dropout_p": 0}])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 1, 9, 16), (1, 2, 2, 5, 7, 8)])
+def test_plain_calls_take_the_fast_path(monkeypatch, kw, shape):
+    """A call without mask tensors, generator or seed skips the full validation (the per-call
+    cost of small decode steps) and gives what the full path gives, forward and gradients."""
+    from vae_ext.ops import attention as attention_mod
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, *_ = _make(b, h, hkv, sq, sk, d, torch.float32, "cpu")
+    with torch.no_grad():
+        full = vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(b, sk, dtype=torch.bool), **kw)
+    ref = reference.masked_attention(q.double(), k.double(), v.double(), **kw)
+
+    def no_full_path(*args, **kwargs):
+        raise AssertionError("the full validation ran")
+
+    monkeypatch.setattr(attention_mod, "check_same_device", no_full_path)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = vae_ext.masked_attention(qg, kg, vg, **kw)
+    torch.testing.assert_close(out, full, atol=0, rtol=0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.masked_attention(qr, kr, vr, **kw).square().sum().backward()
+    for got, want in ((qg, qr), (kg, kr), (vg, vr)):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError, match="full validation"):  # anything else takes the full path
+        vae_ext.masked_attention(q, k, v, key_padding_mask=torch.zeros(b, sk, dtype=torch.bool), **kw)
+
+
+def test_fast_path_keeps_the_backend_mode(monkeypatch):
+    """The fast path runs the extension only where the full path would: not under
+    use_backend('reference'), and a block open in another thread changes nothing here."""
+    import threading
+    from vae_ext import _backend
+    from vae_ext.ops import attention as attention_mod
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    calls, reference_op = [], reference.masked_attention
+    monkeypatch.setattr(attention_mod.reference, "masked_attention",
+                        lambda *a, **kw: calls.append(1) or reference_op(*a, **kw))
+    with vae_ext.use_backend("reference"):
+        vae_ext.masked_attention(q, k, v)
+    assert calls == [1]
+    entered, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        with vae_ext.use_backend("reference"):
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        assert _backend._open_blocks == 1
+        vae_ext.masked_attention(q, k, v)  # this thread: the default mode, the extension
+        assert calls == [1]
+    finally:
+        release.set()
+        worker.join()
+    assert _backend._open_blocks == 0
+    with pytest.raises(RuntimeError):
+        with vae_ext.use_backend("reference"):
+            raise RuntimeError("leaves the block")
+    assert _backend._open_blocks == 0 and _backend.mode() == _backend._default_mode
+
+
 def test_op_level_checks_are_clear():
     """The custom op checks what its kernels assume even when called directly."""
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)

@@ -853,8 +853,13 @@ void dropout_tile(const Problem& pr, int64_t row0, int64_t mq, int64_t k0, int64
 
 // Runs f(task, workspace) for every task in `order`, handed out dynamically to
 // the at::parallel_for threads; each thread builds one Workspace. Small problems
-// (`flops` in total) run on the calling thread: waking the pool costs more.
+// (`flops` in total) run on the calling thread: waking the pool costs more. A task
+// pass takes one more thread per kTaskFlopsPerThread: a GQA decode step over 128
+// keys (H32/Hkv8, D128, 2 MFLOP) runs 39 -> 28 µs on two threads instead of one
+// (AVX-512 machine, benchmarks/results/cpu-attention-models-20261202.md, session 5);
+// row passes (row_grain: a few flops per byte) keep the coarser kFlopsPerThread.
 constexpr double kFlopsPerThread = 4e6;
+constexpr double kTaskFlopsPerThread = 5e5;
 
 template <typename Workspace, typename F>
 void run_tasks(const std::vector<int64_t>& order, double flops, F&& f) {
@@ -869,7 +874,7 @@ void run_tasks(const std::vector<int64_t>& order, double flops, F&& f) {
       f(order[t], ws);
     }
   };
-  const int64_t by_size = static_cast<int64_t>(flops / kFlopsPerThread) + 1;
+  const int64_t by_size = static_cast<int64_t>(flops / kTaskFlopsPerThread) + 1;
   const int64_t threads = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, by_size});
   if (threads <= 1 || at::in_parallel_region()) {
     // Outside an OpenMP region MKL would spread each tile product over its own threads: for
