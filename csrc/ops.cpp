@@ -9,6 +9,7 @@
 
 #include "attention/attention.h"
 #include "common/cpu_capability.h"
+#include "common/cpu_scratch.h"
 
 #ifndef VAE_EXT_CUDA_ARCHS
 #define VAE_EXT_CUDA_ARCHS ""
@@ -84,6 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     vae_ext::set_attention_cpu_panels(on);
     return before;
   });
+  // Tests only: the bytes of scratch memory the calling thread keeps for the next call (cpu_scratch.h).
+  m.def("_scratch_cached_bytes", []() { return vae_ext::scratch_cached_bytes(); });
   // Tests only: switch the CPU kernels' capability in-process ("" = the env/best choice).
   m.def("_set_cpu_capability", [](const std::string& name) {
     return std::string(vae_ext::cpu_capability_name(vae_ext::set_cpu_capability(name)));

@@ -466,6 +466,38 @@ def test_few_query_rows_match_the_reference(h, hkv, sq, sk, d, masks, dtype):
 
 
 @requires_ext
+def test_scratch_memory_is_reused_across_calls_without_leaking_old_data():
+    """The K/V panels and the backward's split dq accumulators live in scratch memory the
+    thread keeps for its next call (cpu_scratch.h): a call after one whose keys were all NaN
+    (and longer, and wider) packs its own panels, padding included, and gets the reference's
+    result; the kept block stays within the cap."""
+    before = vae_ext._C._set_attention_cpu_panels(True)
+    try:
+        with torch.inference_mode():
+            q, k, v, *_ = _make(1, 4, 2, 300, 530, 72, torch.float32, "cpu", seed=3)
+            vae_ext.masked_attention(q, k.fill_(float("nan")), v.fill_(float("nan")))
+            held = vae_ext._C._scratch_cached_bytes()
+            assert 2 * 530 * 72 * 4 * 2 <= held <= 32 << 20  # K and V panels of the 2 kv heads, f32
+            for shape in ((1, 4, 2, 260, 37, 72), (2, 2, 1, 200, 100, 40), (1, 4, 2, 300, 530, 72)):
+                b, h, hkv, sq, sk, d = shape
+                q, k, v, _, kpm, _ = _make(b, h, hkv, sq, sk, d, torch.float32, "cpu", seed=sk, masks="padding")
+                out = vae_ext.masked_attention(q, k, v, key_padding_mask=kpm)
+                ref = reference.masked_attention(q.double(), k.double(), v.double(), key_padding_mask=kpm)
+                assert_close(out, ref, torch.float32)
+                assert vae_ext._C._scratch_cached_bytes() == held  # the same block, taken and given back
+    finally:
+        vae_ext._C._set_attention_cpu_panels(before)
+    # the backward with bfloat16 inputs accumulates dq in float32 scratch (filled with zeros each call)
+    for seed in (1, 2):
+        q, k, v, *_ = _make(1, 4, 1, 64, 64, 32, torch.bfloat16, "cpu", seed=seed)
+        grad = torch.randn(q.shape, dtype=torch.float64).to(torch.bfloat16)
+        _, grads = _run(vae_ext.masked_attention, q, k, v, grad)
+        _, e_grads = _run(reference.masked_attention, q.double(), k.double(), v.double(), grad.double())
+        for g, e in zip(grads, e_grads):
+            assert_close(g, e, torch.bfloat16, scale=_grad_scale(torch.bfloat16))
+
+
+@requires_ext
 def test_packed_panels_keep_a_hidden_nan_out():
     """A NaN in the value of a padded key or a key hidden by the causal mask reaches no output row
     on the panel path (the tile is redone with products that skip zero weights)."""

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "attention/attention_math.h"
+#include "common/cpu_scratch.h"
 #include "common/cpu_utils.h"
 #include "common/philox_cpu.h"
 
@@ -913,9 +914,12 @@ struct FwdWorkspace {
 // K and V of every (batch, kv head) as panel_gemm's B operands, in acc_t: K as key
 // panels (NR keys each, D rows of NR, keys past Sk zero) for S = Q Kᵀ, V as column
 // panels (v_panel_width columns each, Sk rows, columns past D zero) for O += P V.
+// Their storage is scratch memory kept for the next call (cpu_scratch.h).
 template <typename acc_t>
 struct KvPanels {
-  std::unique_ptr<acc_t[]> k, v;
+  ScratchBuffer storage;
+  acc_t* k = nullptr;
+  acc_t* v = nullptr;
   int64_t k_head = 0, v_head = 0;  // elements per (batch, kv head)
 };
 
@@ -942,8 +946,10 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
   kv.k_head = Skp * D;
   kv.v_head = Sk * v_packed_cols<acc_t>(D);
   const int64_t heads = pr.B * pr.Hkv, chunks = (Sk + kChunk - 1) / kChunk;
-  kv.k.reset(new acc_t[static_cast<size_t>(heads * kv.k_head)]);
-  kv.v.reset(new acc_t[static_cast<size_t>(heads * kv.v_head)]);
+  const int64_t k_elems = (heads * kv.k_head + 15) / 16 * 16;  // V's panels start 64-byte aligned
+  kv.storage.reset(sizeof(acc_t) * static_cast<size_t>(k_elems + heads * kv.v_head));
+  kv.k = static_cast<acc_t*>(kv.storage.data());
+  kv.v = kv.k + k_elems;
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(static_cast<size_t>(kChunk * D));
     for (int64_t t = begin; t < end; ++t) {
@@ -955,9 +961,9 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
                       j0 * p.v_row_stride;
       int64_t ld = 0;
       const acc_t* k_rows = load_rows(K, p.k_row_stride, n, D, buf.data(), ld);
-      pack_key_panels(k_rows, ld, n, D, kv.k.get() + bh * kv.k_head + j0 * D);
+      pack_key_panels(k_rows, ld, n, D, kv.k + bh * kv.k_head + j0 * D);
       const acc_t* v_rows = load_rows(V, p.v_row_stride, n, D, buf.data(), ld);
-      pack_col_panels(v_rows, ld, n, D, kv.v.get() + bh * kv.v_head, Sk, j0);
+      pack_col_panels(v_rows, ld, n, D, kv.v + bh * kv.v_head, Sk, j0);
     }
   });
 }
@@ -995,8 +1001,8 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const acc_t* kpan = nullptr;
   const acc_t* vpan = nullptr;
   if (kv != nullptr) {  // the Q tile as MR-row blocks
-    kpan = kv->k.get() + (b * pr.Hkv + hk) * kv->k_head;
-    vpan = kv->v.get() + (b * pr.Hkv + hk) * kv->v_head;
+    kpan = kv->k + (b * pr.Hkv + hk) * kv->k_head;
+    vpan = kv->v + (b * pr.Hkv + hk) * kv->v_head;
     ws.qp.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * D));
     pack_row_blocks(qt_ptr, ldq, mq, D, ws.qp.data());
   }
@@ -1179,8 +1185,13 @@ void backward_impl(const AttentionBackwardParams& bp) {
   auto* dv = static_cast<scalar_t*>(bp.dv);
   const bool direct_dq = std::is_same_v<scalar_t, acc_t> && n_chunks == 1;
   const int64_t dq_numel = B * H * Sq * D;
-  std::unique_ptr<acc_t[]> dq_ws;
-  if (!direct_dq) dq_ws.reset(new acc_t[static_cast<size_t>(n_chunks * dq_numel)]());
+  ScratchBuffer dq_scratch;  // kept for the next call (cpu_scratch.h)
+  acc_t* dq_ws = nullptr;
+  if (!direct_dq) {
+    dq_scratch.reset(sizeof(acc_t) * static_cast<size_t>(n_chunks * dq_numel));
+    dq_ws = static_cast<acc_t*>(dq_scratch.data());
+    std::fill(dq_ws, dq_ws + n_chunks * dq_numel, acc_t(0));
+  }
 
   std::vector<int64_t> cost(static_cast<size_t>(B * Hkv * n_chunks));
   for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t) {
@@ -1199,7 +1210,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
     const int64_t c = t % n_chunks, bk_head = t / n_chunks;
     const int64_t b = bk_head / Hkv, hk = bk_head % Hkv;
     const int64_t kt_begin = c * tiles_per_chunk, kt_end = std::min(pr.n_k_tiles, (c + 1) * tiles_per_chunk);
-    acc_t* dq_acc = direct_dq ? reinterpret_cast<acc_t*>(dq) : dq_ws.get() + c * dq_numel;
+    acc_t* dq_acc = direct_dq ? reinterpret_cast<acc_t*>(dq) : dq_ws + c * dq_numel;
     if (direct_dq) {  // this task owns dq of heads hk * G .. hk * G + G - 1 of batch b
       std::fill(dq_acc + (b * H + hk * G) * Sq * D, dq_acc + (b * H + hk * G + G) * Sq * D, acc_t(0));
     }
@@ -1363,9 +1374,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
     at::parallel_for(0, B * H * Sq, row_grain(n_chunks * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(static_cast<size_t>(D));
       for (int64_t i = begin; i < end; ++i) {
-        std::copy(dq_ws.get() + i * D, dq_ws.get() + (i + 1) * D, row.begin());
+        std::copy(dq_ws + i * D, dq_ws + (i + 1) * D, row.begin());
         for (int64_t c = 1; c < n_chunks; ++c) {
-          const acc_t* src = dq_ws.get() + c * dq_numel + i * D;
+          const acc_t* src = dq_ws + c * dq_numel + i * D;
           for (int64_t d = 0; d < D; ++d) row[d] += src[d];
         }
         store_narrow(row.data(), dq + i * D, static_cast<int>(D));

@@ -1,0 +1,40 @@
+// Scratch memory of the CPU kernels that outlives a call: the buffers of megabytes that
+// every call fills (the forward's packed K/V panels, the backward's split dq
+// accumulators). Allocated and freed per call, they cost the kernel its page faults:
+// glibc returns such blocks to the system (munmap or a brk trim) and the next call
+// touches fresh zero pages again (perf, ViT-B/16 float32 forward: page faults plus
+// the trims took ~20 % of the call). A ScratchBuffer takes the calling thread's
+// cached block when it is large enough and gives it back when it goes out of scope;
+// each thread keeps one block of at most kScratchCacheBytes (past that, a call's
+// own work dwarfs its page faults, and its buffer is freed as before).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace vae_ext {
+
+constexpr size_t kScratchCacheBytes = size_t(32) << 20;
+
+class ScratchBuffer {
+ public:
+  ScratchBuffer() = default;
+  // At least `bytes` bytes, 64-byte aligned, uninitialised.
+  explicit ScratchBuffer(size_t bytes) { reset(bytes); }
+  ~ScratchBuffer() { release(); }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+
+  void reset(size_t bytes);
+  void* data() const { return data_; }
+
+ private:
+  void release();
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// The bytes the calling thread holds in its cache (tests).
+size_t scratch_cached_bytes();
+
+}  // namespace vae_ext
