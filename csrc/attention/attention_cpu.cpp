@@ -924,13 +924,15 @@ struct KvPanels {
 };
 
 // Whether the forward runs its tile products on panels: float accumulation, and enough
-// query rows per kv head (several query tiles read each packed K and V) to pay for packing
-// them once; below that the BLAS, which packs per product, is as fast
-// (benchmarks/results/cpu-attention-models-20261202.md). The line: with AVX2, 256 (BERT's 128
-// and ViT's 197 tie, 0.95-1.01x); with AVX-512 (Zen 5, `--panels-ab`), 192: panels beat MKL
-// by 1.28-1.41x at ViT's 197 rows and tie at BERT's 128. Decoding's packed heads never pack.
+// query rows per kv head to pay for packing its K and V once; below that the BLAS, which
+// packs per product (benchmarks/results/cpu-attention-models-20261202.md). With AVX-512
+// (Zen 5), 16 rows: since the panels live in scratch memory kept across calls (no page
+// faults per call), they beat MKL at every row count from 16 on (B8 H12 S32-128 D64:
+// 1.1-1.5x; BERT S128 f32 3.3 -> 2.8 ms); below 16 rows the BLAS (or gemm_few_rows). With
+// AVX2, 256 (measured before the scratch memory, on the AVX2 machines: BERT's 128 and
+// ViT's 197 rows tied with MKL). Decoding's packed heads never pack.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kPanelMinRowsPerKvHead = 192;
+constexpr int64_t kPanelMinRowsPerKvHead = 16;
 #else
 constexpr int64_t kPanelMinRowsPerKvHead = 256;
 #endif
