@@ -71,6 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_capabilities"] = vae_ext::built_cpu_capabilities();
     info["cpu_capability"] = std::string(vae_ext::cpu_capability_name(vae_ext::cpu_capability()));
     info["cpu_capability_best"] = std::string(vae_ext::cpu_capability_name(vae_ext::best_cpu_capability()));
+    info["cpu_avx512_bf16"] = vae_ext::cpu_has_avx512_bf16();
 #ifdef _OPENMP
     info["openmp"] = true;
 #else
@@ -83,6 +84,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_attention_cpu_panels", [](bool on) {
     const bool before = vae_ext::attention_cpu_panels();
     vae_ext::set_attention_cpu_panels(on);
+    return before;
+  });
+  // Tests and benchmarks only: the AVX512-BF16 products of the bfloat16 CPU forward on or off.
+  m.def("_set_attention_cpu_bf16_dot", [](bool on) {
+    const bool before = vae_ext::attention_cpu_bf16_dot();
+    vae_ext::set_attention_cpu_bf16_dot(on);
     return before;
   });
   // Tests only: the bytes of scratch memory the calling thread keeps for the next call (cpu_scratch.h).

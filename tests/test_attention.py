@@ -515,6 +515,64 @@ def test_packed_panels_keep_a_hidden_nan_out():
         assert_close(out[finite], expected[finite], torch.float32)
 
 
+_BF16_DOT = bool(vae_ext._C.build_info().get("cpu_avx512_bf16")) and \
+    vae_ext._C.build_info().get("cpu_capability") == "avx512" if vae_ext._backend.extension_loaded() else False
+requires_bf16_dot = pytest.mark.skipif(not _BF16_DOT, reason="needs a CPU with AVX512-BF16 (and the AVX512 kernels)")
+
+
+@requires_ext
+@requires_bf16_dot
+@pytest.mark.parametrize("shape,masks,layout,dropout_p", [
+    ((2, 4, 2, 197, 197, 64), "none", "contiguous", 0.0),       # ViT-like, GQA
+    ((1, 2, 1, 40, 77, 40), "causal+padding+bool", "bshd", 0.2),  # odd Sk, 8-wide last V panel, strided
+    ((1, 1, 1, 33, 129, 7), "float", "contiguous", 0.0),        # odd D: a zero upper half in the last pair
+    ((1, 1, 1, 64, 300, 512), "padding", "contiguous", 0.1),    # the SD VAE's head dim
+    ((2, 3, 3, 17, 5, 72), "float+causal", "bshd", 0.0),        # fewer keys than a pair panel
+])
+def test_bf16_dot_products_match_the_widened_path_and_the_reference(shape, masks, layout, dropout_p):
+    """bfloat16 on a CPU with AVX512-BF16: the forward's tile products on bf16 pairs (vdpbf16ps, P rounded
+    to bf16) match the widened float32 products and the float64 reference within bf16 rounding, with
+    the same dropout mask (a different one would move outputs far past bf16 rounding); the switch
+    really changes the arithmetic."""
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, torch.bfloat16, "cpu", seed=9, masks=masks, layout=layout)
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=3)
+    expected = reference.masked_attention(q.double(), k.double(), v.double(), **{**kw, "attn_mask": _as_double(am)})
+    before = vae_ext._C._set_attention_cpu_bf16_dot(True)
+    try:
+        with torch.inference_mode():
+            on = vae_ext.masked_attention(q, k, v, **kw)
+            vae_ext._C._set_attention_cpu_bf16_dot(False)
+            off = vae_ext.masked_attention(q, k, v, **kw)
+    finally:
+        vae_ext._C._set_attention_cpu_bf16_dot(before)
+    assert_close(on, expected, torch.bfloat16)
+    assert_close(on, off, torch.bfloat16)
+    assert torch.isfinite(on).all()
+    if shape[0] == 2 and masks == "none":
+        assert not torch.equal(on, off)  # bf16 P and pair sums: not the float32 path's bits
+
+
+@requires_ext
+@requires_bf16_dot
+def test_bf16_dot_products_keep_a_hidden_nan_out_and_a_visible_one_in():
+    q, k, v, _, kpm, _ = _make(1, 2, 1, 64, 96, 40, torch.bfloat16, "cpu", seed=2, masks="padding")
+    kpm[:] = False
+    kpm[0, 90:] = True
+    v_clean = v.clone()
+    v[0, 0, 93] = float("nan")  # padded: hidden (the oracle: the same call without it)
+    for kw in (dict(key_padding_mask=kpm), dict(key_padding_mask=kpm, is_causal=True)):
+        with torch.inference_mode():
+            out = vae_ext.masked_attention(q, k, v, **kw)
+        expected = reference.masked_attention(q.double(), k.double(), v_clean.double(), **kw)
+        assert torch.isfinite(out).all()
+        assert_close(out, expected, torch.bfloat16)
+    k[0, 0, 5] = float("nan")  # a visible key: every row that sees it is NaN
+    with torch.inference_mode():
+        out = vae_ext.masked_attention(q, k, v, key_padding_mask=kpm, is_causal=True)
+    assert torch.isnan(out[0, :, 5:]).all() and torch.isfinite(out[0, :, :5]).all()
+
+
 # ---------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("device", DEVICES)

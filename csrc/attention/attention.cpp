@@ -39,6 +39,19 @@ bool attention_cpu_panels() { return panels_flag().load(std::memory_order_relaxe
 void set_attention_cpu_panels(bool on) { panels_flag().store(on, std::memory_order_relaxed); }
 
 namespace {
+std::atomic<bool>& bf16_dot_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* s = std::getenv("VAE_EXT_ATTN_BF16_DOT");
+    return s == nullptr || std::strcmp(s, "0") != 0;
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool attention_cpu_bf16_dot() { return bf16_dot_flag().load(std::memory_order_relaxed); }
+void set_attention_cpu_bf16_dot(bool on) { bf16_dot_flag().store(on, std::memory_order_relaxed); }
+
+namespace {
 
 using attention_glue::check_and_prepare;
 using attention_glue::Inputs;

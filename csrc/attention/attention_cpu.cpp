@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,7 +39,12 @@
 #include <utility>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "attention/attention_math.h"
+#include "common/cpu_capability.h"
 #include "common/cpu_scratch.h"
 #include "common/cpu_utils.h"
 #include "common/philox_cpu.h"
@@ -563,6 +569,159 @@ void panel_gemm_cols(int64_t m, int64_t D, int64_t k, T alpha, const T* a, int64
   }
 }
 
+// ---------------------------------------------------------------- AVX512-BF16 panel products
+//
+// bfloat16 inputs on a CPU with AVX512-BF16 (the AVX512 build checks cpuid at run time):
+// the forward's two tile products take bf16 operands in pairs along k and sum in float32
+// with vdpbf16ps, two products per lane per instruction where the float kernel does one
+// FMA on widened values: S = Q Kᵀ over pairs of head-dim entries, O += P V over pairs of
+// keys, with P rounded to bf16 (to nearest even), as the CUDA tensor-core kernels round it;
+// the softmax statistics stay float32. K and V are packed once per call straight from the
+// bf16 input (no widening; half the bytes of the float panels). Layouts, in uint32 units
+// (one pair of bf16, the lower element first), pairs past the data zero:
+//   Q blocks  MR-row blocks, pair q of row r at q * MR + r (Dp = ceil(D / 2) pairs per row)
+//   K panels  NR keys each, pair q of key j at q * NR + j (a panel: Dp * NR)
+//   V panels  v_panel_width columns each, key pair t of column c at t * w + c (Skp = ceil(Sk / 2) rows)
+//   P         bf16 rows of the scores tile, read in place as pairs of keys
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kBf16DotBuilt = true;
+
+// C rows [0, rows) x cols [0, ncols) (= or +=) alpha A B over kp pairs: as block_kernel, with
+// A element pair (r, q) at a[r * a_rs + q * a_cs] broadcast and B's row pair q the NV vectors
+// at b + q * NV * 16.
+template <int MR, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block_kernel(
+    const uint32_t* __restrict__ a, int64_t a_rs, int64_t a_cs, const uint32_t* __restrict__ b, int64_t kp,
+    float* c, int64_t ldc, int64_t rows, int64_t ncols, float alpha, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int64_t q = 0; q < kp; ++q) {
+    __m512i bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + (q * NV + v) * 16);
+    const uint32_t* aq = a + q * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(aq[r * a_rs]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;
+    float* cr = c + r * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(16, ncols - v * 16);
+      if (n <= 0) break;
+      const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, cr + v * 16));
+      _mm512_mask_storeu_ps(cr + v * 16, m, x);
+    }
+  }
+}
+
+// dst rows (row stride ldd, uint16) = the first n entries of each of `rows` float rows of s
+// (row stride lds) rounded to bf16 (to nearest even; NaN stays NaN), and a zero after them
+// when n is odd (the last pair's upper half).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void round_rows_bf16(
+    const float* s, int64_t lds, int64_t rows, int64_t n, uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = s + r * lds;
+    uint16_t* y = dst + r * ldd;
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t len = std::min<int64_t>(16, n - j);
+      const __mmask16 m = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
+      _mm256_mask_storeu_epi16(y + j, m, (__m256i)h);
+    }
+    if (n % 2 != 0) y[n] = 0;
+  }
+}
+#else
+constexpr bool kBf16DotBuilt = false;
+#endif
+
+inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
+
+// rows x D bf16 values (row stride ld) as interleaved groups of G rows of pairs: pair q of
+// row r of a group at q * G + r (G = MR: the Q blocks; G = NR: the K panels).
+template <int64_t G>
+void pack_pair_groups(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t D, uint32_t* dst) {
+  const int64_t Dp = (D + 1) / 2, padded = (rows + G - 1) / G * G;
+  for (int64_t i = 0; i < padded; ++i) {
+    uint32_t* out = dst + (i / G) * G * Dp + i % G;
+    const c10::BFloat16* xi = x + i * ld;
+    for (int64_t q = 0; q < Dp; ++q) {
+      const uint16_t lo = i < rows ? xi[2 * q].x : uint16_t(0);
+      const uint16_t hi = i < rows && 2 * q + 1 < D ? xi[2 * q + 1].x : uint16_t(0);
+      out[q * G] = bf16_pair(lo, hi);
+    }
+  }
+}
+
+// Keys row0.. (row0 even) of V, `rows` of them (row stride ld), into the column panels of
+// pairs of keys (Skp pair rows per panel).
+inline void pack_v_pair_panels(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t D, uint32_t* dst,
+                               int64_t Skp, int64_t row0) {
+  for (int64_t c0 = 0; c0 < D;) {
+    const int64_t w = v_panel_width<float>(D, c0), n = std::min(w, D - c0);
+    uint32_t* panel = dst + c0 * Skp + (row0 / 2) * w;
+    for (int64_t t = 0; t < (rows + 1) / 2; ++t) {
+      const c10::BFloat16* lo = x + 2 * t * ld + c0;
+      const c10::BFloat16* hi = 2 * t + 1 < rows ? lo + ld : nullptr;
+      for (int64_t c = 0; c < w; ++c) {
+        panel[t * w + c] = c < n ? bf16_pair(lo[c].x, hi != nullptr ? hi[c].x : uint16_t(0)) : 0u;
+      }
+    }
+    c0 += w;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// C (m x nk) = alpha Q Kᵀ: Q as pair blocks, K as pair panels from the tile's first key on.
+inline void bf16_gemm_keys(int64_t m, int64_t nk, int64_t Dp, float alpha, const uint32_t* q_blocks,
+                           const uint32_t* key_panels, float* c, int64_t ldc) {
+  constexpr int64_t NR = panel_nr<float>(), MR = kPanelMR;
+  for (int64_t j = 0; j < nk; j += NR) {
+    for (int64_t i = 0; i < m; i += MR) {
+      bf16_block_kernel<kPanelMR, 2>(q_blocks + (i / MR) * MR * Dp, 1, MR, key_panels + j * Dp, Dp, c + i * ldc + j,
+                                     ldc, std::min(MR, m - i), std::min(NR, nk - j), alpha, false);
+    }
+  }
+}
+
+// C (m x D) += P V over nk keys: P as bf16 rows (pairs, row stride ld_pairs), V as pair panels
+// (Skp pair rows) from key pair t0 on.
+inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, const uint32_t* p_pairs, int64_t ld_pairs,
+                           const uint32_t* v_panels, int64_t Skp, int64_t t0, float* c, int64_t ldc) {
+  constexpr int64_t MR = kPanelMR;
+  const int64_t kp = (nk + 1) / 2;
+  for (int64_t c0 = 0; c0 < D;) {
+    const int64_t w = v_panel_width<float>(D, c0), n = std::min(w, D - c0);
+    const uint32_t* panel = v_panels + c0 * Skp + t0 * w;
+    for (int64_t i = 0; i < m; i += MR) {
+      const uint32_t* a = p_pairs + i * ld_pairs;
+      const int64_t rows = std::min(MR, m - i);
+      if (w == panel_nr<float>()) {
+        bf16_block_kernel<kPanelMR, 2>(a, ld_pairs, 1, panel, kp, c + i * ldc + c0, ldc, rows, n, 1.0f, true);
+      } else {
+        bf16_block_kernel<kPanelMR, 1>(a, ld_pairs, 1, panel, kp, c + i * ldc + c0, ldc, rows, n, 1.0f, true);
+      }
+    }
+    c0 += w;
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- row helpers
 
 template <typename T>
@@ -908,6 +1067,8 @@ inline std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
 template <typename acc_t>
 struct FwdWorkspace {
   std::vector<acc_t> q, qp, k, v, s, z, acc, lse, pack;
+  std::vector<uint32_t> qp2;  // the AVX512-BF16 products: Q as pair blocks
+  std::vector<uint16_t> p16;  // and P rounded to bf16
   std::vector<SoftmaxRow<acc_t>> rows;
 };
 
@@ -915,13 +1076,24 @@ struct FwdWorkspace {
 // panels (NR keys each, D rows of NR, keys past Sk zero) for S = Q Kᵀ, V as column
 // panels (v_panel_width columns each, Sk rows, columns past D zero) for O += P V.
 // Their storage is scratch memory kept for the next call (cpu_scratch.h).
+// With the AVX512-BF16 products (bfloat16 inputs), k2 and v2 hold the pair panels instead.
 template <typename acc_t>
 struct KvPanels {
   ScratchBuffer storage;
   acc_t* k = nullptr;
   acc_t* v = nullptr;
   int64_t k_head = 0, v_head = 0;  // elements per (batch, kv head)
+  uint32_t* k2 = nullptr;
+  uint32_t* v2 = nullptr;
+  int64_t k2_head = 0, v2_head = 0, Dp = 0, Skp = 0;  // pairs per (batch, kv head); pairs per row / column
 };
+
+// Whether the forward of these inputs runs the AVX512-BF16 products (with panels).
+template <typename scalar_t>
+inline bool use_bf16_dot() {
+  return std::is_same_v<scalar_t, c10::BFloat16> && kBf16DotBuilt && cpu_has_avx512_bf16() &&
+         attention_cpu_bf16_dot();
+}
 
 // Whether the forward runs its tile products on panels: float accumulation, and enough
 // query rows per kv head to pay for packing its K and V once; below that the BLAS, which
@@ -948,6 +1120,31 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
   kv.k_head = Skp * D;
   kv.v_head = Sk * v_packed_cols<acc_t>(D);
   const int64_t heads = pr.B * pr.Hkv, chunks = (Sk + kChunk - 1) / kChunk;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_bf16_dot<scalar_t>()) {  // pair panels straight from the bf16 input
+      kv.Dp = (D + 1) / 2;
+      kv.Skp = (Sk + 1) / 2;
+      kv.k2_head = Skp * kv.Dp;
+      kv.v2_head = kv.Skp * v_packed_cols<float>(D);
+      const int64_t k2_elems = (heads * kv.k2_head + 15) / 16 * 16;
+      kv.storage.reset(sizeof(uint32_t) * static_cast<size_t>(k2_elems + heads * kv.v2_head));
+      kv.k2 = static_cast<uint32_t*>(kv.storage.data());
+      kv.v2 = kv.k2 + k2_elems;
+      at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t bh = t / chunks, b = bh / pr.Hkv, hk = bh % pr.Hkv, j0 = (t % chunks) * kChunk;
+          const int64_t n = std::min(kChunk, Sk - j0);
+          const auto* K = static_cast<const c10::BFloat16*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                          j0 * p.k_row_stride;
+          const auto* V = static_cast<const c10::BFloat16*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                          j0 * p.v_row_stride;
+          pack_pair_groups<NR>(K, p.k_row_stride, n, D, kv.k2 + bh * kv.k2_head + j0 * kv.Dp);
+          pack_v_pair_panels(V, p.v_row_stride, n, D, kv.v2 + bh * kv.v2_head, kv.Skp, j0);
+        }
+      });
+      return;
+    }
+  }
   const int64_t k_elems = (heads * kv.k_head + 15) / 16 * 16;  // V's panels start 64-byte aligned
   kv.storage.reset(sizeof(acc_t) * static_cast<size_t>(k_elems + heads * kv.v_head));
   kv.k = static_cast<acc_t*>(kv.storage.data());
@@ -994,15 +1191,27 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   }
   const auto* qsrc = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                      q0 * p.q_row_stride;
+  // AVX512-BF16 products (bf16 inputs, pair panels): Q as pair blocks, no widened copy
+  const bool dot16 = kv != nullptr && kv->k2 != nullptr;
   int64_t ldq = 0;
-  const acc_t* qt_ptr = load_rows(qsrc, q_rs, mq, D, ws.q.data(), ldq);
+  const acc_t* qt_ptr = dot16 ? nullptr : load_rows(qsrc, q_rs, mq, D, ws.q.data(), ldq);
   const acc_t scale = static_cast<acc_t>(p.scale_f64 * domain_factor<acc_t>());  // in acc_t's softmax domain
   acc_t* s = ws.s.data();
   const int64_t row0 = (b * pr.H + h) * pr.Sq + q0;
   constexpr int64_t MR = kPanelMR;
   const acc_t* kpan = nullptr;
   const acc_t* vpan = nullptr;
-  if (kv != nullptr) {  // the Q tile as MR-row blocks
+  const uint32_t* kpan2 = nullptr;
+  const uint32_t* vpan2 = nullptr;
+  if (dot16) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      kpan2 = kv->k2 + (b * pr.Hkv + hk) * kv->k2_head;
+      vpan2 = kv->v2 + (b * pr.Hkv + hk) * kv->v2_head;
+      ws.qp2.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * kv->Dp));
+      pack_pair_groups<MR>(qsrc, q_rs, mq, D, ws.qp2.data());
+      ws.p16.resize(ws.s.size());
+    }
+  } else if (kv != nullptr) {  // the Q tile as MR-row blocks
     kpan = kv->k + (b * pr.Hkv + hk) * kv->k_head;
     vpan = kv->v + (b * pr.Hkv + hk) * kv->v_head;
     ws.qp.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * D));
@@ -1019,7 +1228,13 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     const uint8_t pad = p.key_padding != nullptr ? pr.status(b, kt) : kNoPadding;
     if (pad == kAllPadding) continue;
     const int64_t k0 = kt * bk, nk = std::min(bk, end - k0);
-    if (kpan != nullptr) {  // key panels start at multiples of NR (k0 is a multiple of bk, of 64)
+    if (dot16) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        bf16_gemm_keys(mq, nk, kv->Dp, scale, ws.qp2.data(), kpan2 + k0 * kv->Dp, s, bk);
+      }
+#endif
+    } else if (kpan != nullptr) {  // key panels start at multiples of NR (k0 is a multiple of bk, of 64)
       panel_gemm_keys(mq, nk, D, scale, ws.qp.data(), kpan + k0 * D, s, bk);
     } else {
       const auto* ksrc = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
@@ -1049,6 +1264,16 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     }
     // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
     const bool careful_tile = careful && tile_hides_pairs(pr, pad);
+    if (dot16 && !careful_tile) {  // P rounded to bf16 rows (k0 is even: pair t0 = k0 / 2)
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        round_rows_bf16(s, bk, mq, nk, ws.p16.data(), bk);
+        bf16_gemm_cols(mq, D, nk, reinterpret_cast<const uint32_t*>(ws.p16.data()), bk / 2, vpan2, kv->Skp,
+                       k0 / 2, ws.acc.data(), D);
+      }
+#endif
+      continue;
+    }
     if (vpan != nullptr && !careful_tile) {
       panel_gemm_cols(mq, D, nk, acc_t(1), s, MR * bk, bk, 1, vpan, pr.Sk, k0, ws.acc.data(), D);
       continue;

@@ -28,6 +28,15 @@ bool cpu_has(CpuCapability c) {
 #endif
 }
 
+bool detect_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return cpu_has(CpuCapability::kAvx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool built(CpuCapability c) {
   switch (c) {
 #if defined(VAE_EXT_HAVE_CPU_AVX512)
@@ -65,6 +74,11 @@ std::atomic<int>& current() {
 }
 
 }  // namespace
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = detect_avx512_bf16();
+  return has;
+}
 
 CpuCapability best_cpu_capability() {
   for (CpuCapability c : {CpuCapability::kAvx512, CpuCapability::kAvx2}) {

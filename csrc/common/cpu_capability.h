@@ -21,6 +21,9 @@ const char* cpu_capability_name(CpuCapability c);
 CpuCapability best_cpu_capability();
 // Comma-separated capabilities compiled into this build, lowest first.
 std::string built_cpu_capabilities();
+// Whether the CPU has AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16): the AVX512 kernels use it for
+// bfloat16 inputs where it pays (attention_cpu.cpp). Checked once, from cpuid.
+bool cpu_has_avx512_bf16();
 // For tests: run the kernels with `name` from now on ("" = the env/best choice).
 // Returns the capability now in effect; unknown names raise.
 CpuCapability set_cpu_capability(const std::string& name);
