@@ -72,6 +72,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_capability"] = std::string(vae_ext::cpu_capability_name(vae_ext::cpu_capability()));
     info["cpu_capability_best"] = std::string(vae_ext::cpu_capability_name(vae_ext::best_cpu_capability()));
     info["cpu_avx512_bf16"] = vae_ext::cpu_has_avx512_bf16();
+    info["attention_cpu_bf16_dot"] = vae_ext::attention_cpu_bf16_dot();  // the switch (VAE_EXT_ATTN_BF16_DOT)
 #ifdef _OPENMP
     info["openmp"] = true;
 #else

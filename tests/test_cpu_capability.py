@@ -137,3 +137,15 @@ def test_env_var_forces_a_lower_capability(asked):
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"CPU capability: {expect} (best on this CPU: {best}" in res.stdout
+
+
+@pytest.mark.parametrize("env,state", [({}, "on"), ({"VAE_EXT_ATTN_BF16_DOT": "0"}, "off (VAE_EXT_ATTN_BF16_DOT=0)"),
+                                       ({"VAE_EXT_CPU_CAPABILITY": "avx2"}, "off (the avx512 kernels use it)")])
+def test_info_says_whether_the_bf16_dot_products_run(env, state):
+    info = _backend.build_info()
+    if not info.get("cpu_avx512_bf16") or info["cpu_capability_best"] != "avx512":
+        pytest.skip("needs a CPU with AVX512-BF16 and the AVX512 kernels")
+    res = subprocess.run([sys.executable, "-m", "vae_ext", "info"], env=dict(os.environ, **env), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"AVX512-BF16 products of the bfloat16 attention forward: {state}" in res.stdout

@@ -32,6 +32,14 @@ def _cmd_info(args) -> int:
               f"(OpenMP {'on' if b.get('openmp') else 'off'}), {cuda}")
         print(f"CPU capability: {b.get('cpu_capability')} (best on this CPU: {b.get('cpu_capability_best')}; "
               "VAE_EXT_CPU_CAPABILITY=default|avx2|avx512 asks for a lower one)")
+        if b.get("cpu_avx512_bf16"):
+            if b.get("cpu_capability") != "avx512":
+                bf16 = "off (the avx512 kernels use it)"
+            elif not b.get("attention_cpu_bf16_dot"):
+                bf16 = "off (VAE_EXT_ATTN_BF16_DOT=0)"
+            else:
+                bf16 = "on (VAE_EXT_ATTN_BF16_DOT=0 turns it off)"
+            print(f"AVX512-BF16 products of the bfloat16 attention forward: {bf16}")
     else:
         print(f"extension: not loaded ({info['load_error']}); every op runs the PyTorch reference")
     print(f"backend mode: {info['mode']}")
