@@ -498,6 +498,34 @@ def test_scratch_memory_is_reused_across_calls_without_leaking_old_data():
 
 
 @requires_ext
+def test_scratch_memory_under_concurrent_calls():
+    """Threads calling the kernels at once each get their own panels (one takes the cached
+    block, the others allocate): every result matches the reference, and one block is kept."""
+    import threading
+    cases = [_make(1, 2, 1, 64 + 40 * i, 90 + 33 * i, 40, torch.float32, "cpu", seed=i) for i in range(4)]
+    expected = [reference.masked_attention(q.double(), k.double(), v.double()) for q, k, v, *_ in cases]
+    errors = []
+
+    def work(i):
+        q, k, v, *_ = cases[i]
+        try:
+            for _ in range(15):
+                with torch.inference_mode():
+                    out = vae_ext.masked_attention(q, k, v)
+                assert_close(out, expected[i], torch.float32)
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert 0 < vae_ext._C._scratch_cached_bytes() <= 32 << 20
+
+
+@requires_ext
 def test_packed_panels_keep_a_hidden_nan_out():
     """A NaN in the value of a padded key or a key hidden by the causal mask reaches no output row
     on the panel path (the tile is redone with products that skip zero weights)."""

@@ -1,6 +1,7 @@
 #include "common/cpu_scratch.h"
 
 #include <cstdlib>
+#include <mutex>
 #include <new>
 
 namespace vae_ext {
@@ -13,15 +14,16 @@ struct Block {
   size_t bytes = 0;
 };
 
-// The calling thread's cached block; freed when the thread exits.
-struct ThreadCache {
+// The process's cached block (one, so the memory kept is bounded whatever the number of
+// threads that call the kernels), kept until exit.
+struct Cache {
+  std::mutex mutex;
   Block block;
-  ~ThreadCache() { std::free(block.data); }
 };
 
-ThreadCache& thread_cache() {
-  thread_local ThreadCache cache;
-  return cache;
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: kernels may run during static destruction
+  return *c;
 }
 
 }  // namespace
@@ -29,13 +31,17 @@ ThreadCache& thread_cache() {
 void ScratchBuffer::reset(size_t bytes) {
   release();
   if (bytes == 0) return;
-  Block& cached = thread_cache().block;
-  if (cached.data != nullptr && cached.bytes >= bytes) {
-    // Take the cached block: nested buffers on this thread allocate their own.
-    data_ = cached.data;
-    capacity_ = cached.bytes;
-    cached = Block{};
-    return;
+  {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (c.block.data != nullptr && c.block.bytes >= bytes) {
+      // Take the cached block: a call running meanwhile (another thread, a nested buffer)
+      // allocates its own.
+      data_ = c.block.data;
+      capacity_ = c.block.bytes;
+      c.block = Block{};
+      return;
+    }
   }
   const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   data_ = std::aligned_alloc(kAlign, rounded);
@@ -45,17 +51,24 @@ void ScratchBuffer::reset(size_t bytes) {
 
 void ScratchBuffer::release() {
   if (data_ == nullptr) return;
-  Block& cached = thread_cache().block;
-  if (capacity_ <= kScratchCacheBytes && capacity_ > cached.bytes) {
-    std::free(cached.data);  // keep the larger block
-    cached = Block{data_, capacity_};
-  } else {
-    std::free(data_);
+  void* to_free = data_;
+  if (capacity_ <= kScratchCacheBytes) {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (capacity_ > c.block.bytes) {  // keep the larger block
+      to_free = c.block.data;
+      c.block = Block{data_, capacity_};
+    }
   }
+  std::free(to_free);
   data_ = nullptr;
   capacity_ = 0;
 }
 
-size_t scratch_cached_bytes() { return thread_cache().block.bytes; }
+size_t scratch_cached_bytes() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return c.block.bytes;
+}
 
 }  // namespace vae_ext

@@ -3,10 +3,11 @@
 // accumulators). Allocated and freed per call, they cost the kernel its page faults:
 // glibc returns such blocks to the system (munmap or a brk trim) and the next call
 // touches fresh zero pages again (perf, ViT-B/16 float32 forward: page faults plus
-// the trims took ~20 % of the call). A ScratchBuffer takes the calling thread's
-// cached block when it is large enough and gives it back when it goes out of scope;
-// each thread keeps one block of at most kScratchCacheBytes (past that, a call's
-// own work dwarfs its page faults, and its buffer is freed as before).
+// the trims took ~20 % of the call). A ScratchBuffer takes the process's cached block
+// when it is free and large enough and gives it back when it goes out of scope (the
+// larger of the two is kept); the process keeps one block of at most kScratchCacheBytes
+// (past that, a call's own work dwarfs its page faults, and its buffer is freed as
+// before), so what it holds is bounded however many threads call the kernels.
 #pragma once
 
 #include <cstddef>
@@ -34,7 +35,7 @@ class ScratchBuffer {
   size_t capacity_ = 0;
 };
 
-// The bytes the calling thread holds in its cache (tests).
+// The bytes of the cached block (tests).
 size_t scratch_cached_bytes();
 
 }  // namespace vae_ext
