@@ -107,6 +107,8 @@ def _fast_call(q, k, v, is_causal, scale, dropout_p, causal_alignment) -> torch.
     sizes and numbers, the extension chosen and supported. None for anything else: the full path
     then validates (and raises its errors) and decides. The same checks as that path, in fewer
     Python steps: it costs ~1 µs where the full validation costs ~5 (an SDPA call ~3 in all)."""
+    if torch.compiler.is_compiling():
+        return None  # traced: the full path (no guards from these checks)
     if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
         return None  # subclasses (and non-tensors) take the full path
     qs, ks = q.shape, k.shape
@@ -131,7 +133,7 @@ def _fast_call(q, k, v, is_causal, scale, dropout_p, causal_alignment) -> torch.
         return None
     if (type(dropout_p) is not float and type(dropout_p) is not int) or not 0.0 <= dropout_p < 1.0:
         return None
-    if _backend.mode() == "reference" or torch.compiler.is_compiling():
+    if _backend.mode() == "reference":
         return None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not _supports(device, dtype, d, False, needs_grad)[0]:
