@@ -377,8 +377,22 @@ def test_other_kernel_configurations(env):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+def _forward_on_and_off(switch, q, k, v, **kw):
+    """The inference forward with a kernel switch (_C._set_attention_cpu_panels, ..._bf16_dot) on and
+    off; the switch is restored afterwards."""
+    before = switch(True)
+    try:
+        with torch.inference_mode():
+            on = vae_ext.masked_attention(q, k, v, **kw)
+            switch(False)
+            off = vae_ext.masked_attention(q, k, v, **kw)
+    finally:
+        switch(before)
+    return on, off
+
+
 # The CPU forward's packed-panel tile products (attention_cpu.cpp: panel_gemm) run where a kv head has
-# at least 256 query rows (Sq * G); these shapes cross that line with every panel form: head dims whose
+# at least 256 query rows (Sq * G; 16 in the AVX512 build); these shapes use panels with every form: head dims whose
 # last V panel is 8 wide (40, 8) or zero-padded (60), D = 512 (k split in chunks), key counts that are
 # not a multiple of the 16-key panels, GQA, strided (B, S, H, D) inputs, every mask kind, dropout.
 _PANEL_CASES = [
@@ -400,14 +414,7 @@ def test_forward_on_packed_panels_matches_the_reference(shape, masks, dtype, lay
     kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=11)
     expected = vae_ext.reference.masked_attention(q.double(), k.double(), v.double(),
                                                   **{**kw, "attn_mask": _as_double(am)})
-    before = vae_ext._C._set_attention_cpu_panels(True)
-    try:
-        with torch.inference_mode():
-            on = vae_ext.masked_attention(q, k, v, **kw)
-            vae_ext._C._set_attention_cpu_panels(False)
-            off = vae_ext.masked_attention(q, k, v, **kw)
-    finally:
-        vae_ext._C._set_attention_cpu_panels(before)
+    on, off = _forward_on_and_off(vae_ext._C._set_attention_cpu_panels, q, k, v, **kw)
     assert_close(on, expected, dtype)
     assert_close(off, expected, dtype)
     assert_close(on, off, dtype)
@@ -566,14 +573,7 @@ def test_bf16_dot_products_match_the_widened_path_and_the_reference(shape, masks
     q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, torch.bfloat16, "cpu", seed=9, masks=masks, layout=layout)
     kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=3)
     expected = reference.masked_attention(q.double(), k.double(), v.double(), **{**kw, "attn_mask": _as_double(am)})
-    before = vae_ext._C._set_attention_cpu_bf16_dot(True)
-    try:
-        with torch.inference_mode():
-            on = vae_ext.masked_attention(q, k, v, **kw)
-            vae_ext._C._set_attention_cpu_bf16_dot(False)
-            off = vae_ext.masked_attention(q, k, v, **kw)
-    finally:
-        vae_ext._C._set_attention_cpu_bf16_dot(before)
+    on, off = _forward_on_and_off(vae_ext._C._set_attention_cpu_bf16_dot, q, k, v, **kw)
     assert_close(on, expected, torch.bfloat16)
     assert_close(on, off, torch.bfloat16)
     assert torch.isfinite(on).all()
