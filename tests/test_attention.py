@@ -583,6 +583,42 @@ def test_bf16_dot_products_match_the_widened_path_and_the_reference(shape, masks
 
 @requires_ext
 @requires_bf16_dot
+@pytest.mark.parametrize("shape,masks,layout,dropout_p", [
+    ((2, 4, 2, 197, 197, 64), "none", "contiguous", 0.0),       # ViT-like, GQA (dk/dv summed over 2 heads)
+    ((1, 2, 1, 77, 129, 40), "causal+padding+bool", "bshd", 0.2),  # odd Sq and Sk, 8-wide last panel
+    ((1, 1, 1, 33, 65, 7), "float", "contiguous", 0.0),         # odd D
+    ((1, 2, 2, 130, 70, 72), "float+causal", "bshd", 0.25),
+])
+def test_bf16_dot_backward_matches_the_widened_path_and_the_reference(shape, masks, layout, dropout_p):
+    """The backward's five products on bf16 pairs (P and dS rounded to bf16): gradients match the
+    widened float32 products and float64 autograd of the reference, with a hidden NaN kept out."""
+    b, h, hkv, sq, sk, d = shape
+    q, k, v, am, kpm, causal = _make(b, h, hkv, sq, sk, d, torch.bfloat16, "cpu", seed=4, masks=masks, layout=layout)
+    if kpm is not None:
+        v[0, 0, int(kpm[0].nonzero()[0])] = float("nan")  # a padded key's value: its tile is redone carefully
+    kw = dict(attn_mask=am, key_padding_mask=kpm, is_causal=causal, dropout_p=dropout_p, seed=7)
+    grad = torch.randn(q.shape, dtype=torch.float64).to(torch.bfloat16)
+    v_ref = v.double().nan_to_num(0.0)
+    _, expected = _run(reference.masked_attention, q.double(), k.double(), v_ref, grad.double(),
+                       **{**kw, "attn_mask": _as_double(am)})
+    before = vae_ext._C._set_attention_cpu_bf16_dot(True)
+    try:
+        _, on = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+        vae_ext._C._set_attention_cpu_bf16_dot(False)
+        _, off = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
+    finally:
+        vae_ext._C._set_attention_cpu_bf16_dot(before)
+    for name, a, o, e in zip("qkv", on, off, expected):
+        finite = torch.isfinite(e)  # the NaN value's own gradient row (dv of a padded key) is zero
+        assert torch.isfinite(a).all(), name
+        assert_close(a[finite], e[finite], torch.bfloat16, scale=_grad_scale(torch.bfloat16))
+        assert_close(a, o, torch.bfloat16, scale=_grad_scale(torch.bfloat16))
+    if masks == "none":
+        assert not all(torch.equal(a, o) for a, o in zip(on, off))  # the switch changes the arithmetic
+
+
+@requires_ext
+@requires_bf16_dot
 def test_bf16_dot_products_keep_a_hidden_nan_out_and_a_visible_one_in():
     q, k, v, _, kpm, _ = _make(1, 2, 1, 64, 96, 40, torch.bfloat16, "cpu", seed=2, masks="padding")
     kpm[:] = False

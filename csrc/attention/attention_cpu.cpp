@@ -699,25 +699,47 @@ inline void bf16_gemm_keys(int64_t m, int64_t nk, int64_t Dp, float alpha, const
   }
 }
 
-// C (m x D) += P V over nk keys: P as bf16 rows (pairs, row stride ld_pairs), V as pair panels
-// (Skp pair rows) from key pair t0 on.
-inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, const uint32_t* p_pairs, int64_t ld_pairs,
-                           const uint32_t* v_panels, int64_t Skp, int64_t t0, float* c, int64_t ldc) {
+// C (m x D) += alpha A X over nk rows of X: A's element pair (row r, pair q) at
+// a[r * a_rs + q * a_cs] (P or dS as bf16 rows, read in place: a_rs = row stride in pairs,
+// a_cs = 1; Pᵀ or dSᵀ as transposed pairs: a_rs = 1, a_cs = their row stride), X as column
+// panels of row pairs (Skp pair rows) from pair t0 on.
+inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, float alpha, const uint32_t* a_pairs, int64_t a_rs,
+                           int64_t a_cs, const uint32_t* col_panels, int64_t Skp, int64_t t0, float* c, int64_t ldc) {
   constexpr int64_t MR = kPanelMR;
   const int64_t kp = (nk + 1) / 2;
   for (int64_t c0 = 0; c0 < D;) {
     const int64_t w = v_panel_width<float>(D, c0), n = std::min(w, D - c0);
-    const uint32_t* panel = v_panels + c0 * Skp + t0 * w;
+    const uint32_t* panel = col_panels + c0 * Skp + t0 * w;
     for (int64_t i = 0; i < m; i += MR) {
-      const uint32_t* a = p_pairs + i * ld_pairs;
+      const uint32_t* a = a_pairs + i * a_rs;
       const int64_t rows = std::min(MR, m - i);
       if (w == panel_nr<float>()) {
-        bf16_block_kernel<kPanelMR, 2>(a, ld_pairs, 1, panel, kp, c + i * ldc + c0, ldc, rows, n, 1.0f, true);
+        bf16_block_kernel<kPanelMR, 2>(a, a_rs, a_cs, panel, kp, c + i * ldc + c0, ldc, rows, n, alpha, true);
       } else {
-        bf16_block_kernel<kPanelMR, 1>(a, ld_pairs, 1, panel, kp, c + i * ldc + c0, ldc, rows, n, 1.0f, true);
+        bf16_block_kernel<kPanelMR, 1>(a, a_rs, a_cs, panel, kp, c + i * ldc + c0, ldc, rows, n, alpha, true);
       }
     }
     c0 += w;
+  }
+}
+
+// T[t * ldt + r] = the pair (x[2t][r], x[2t + 1][r]) rounded to bf16 (to nearest even), for
+// t < ceil(rows / 2) and r < n: x's float rows (row stride ldx) transposed into pairs of rows,
+// the A of a product Xᵀ Y over the rows (the backward's Pᵀ dO and dSᵀ Q); a missing last row is zero.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void round_pairs_transposed(
+    const float* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* T, int64_t ldt) {
+  for (int64_t t = 0; 2 * t < rows; ++t) {
+    const float* x0 = x + 2 * t * ldx;
+    const float* x1 = 2 * t + 1 < rows ? x0 + ldx : nullptr;
+    for (int64_t r = 0; r < n; r += 16) {
+      const int64_t len = std::min<int64_t>(16, n - r);
+      const __mmask16 m = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x0 + r));
+      const __m256i hi = x1 != nullptr ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x1 + r))
+                                       : _mm256_setzero_si256();
+      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm512_mask_storeu_epi32(T + t * ldt + r, m, pair);
+    }
   }
 }
 #endif
@@ -1268,8 +1290,8 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         round_rows_bf16(s, bk, mq, nk, ws.p16.data(), bk);
-        bf16_gemm_cols(mq, D, nk, reinterpret_cast<const uint32_t*>(ws.p16.data()), bk / 2, vpan2, kv->Skp,
-                       k0 / 2, ws.acc.data(), D);
+        bf16_gemm_cols(mq, D, nk, 1.0f, reinterpret_cast<const uint32_t*>(ws.p16.data()), bk / 2, 1, vpan2,
+                       kv->Skp, k0 / 2, ws.acc.data(), D);
       }
 #endif
       continue;
@@ -1341,6 +1363,11 @@ struct BwdWorkspace {
   // panels; Q and dout of the query tile as MR-row blocks and as column panels
   std::vector<acc_t> k_keys, v_keys, k_cols, q_blocks, g_blocks, q_cols, g_cols;
   std::vector<int8_t> nan_q, nan_dout;  // per (query head of the group, query tile): -1 unknown, 0, 1
+  // the AVX512-BF16 products (bf16_bwd): K and V as key pair panels, K as column panels of key
+  // pairs; Q and dout as pair blocks and as column panels of query pairs; Pᵀ / dSᵀ as
+  // transposed pairs; dS as bf16 rows
+  std::vector<uint32_t> k_keys2, v_keys2, k_cols2, q_blocks2, g_blocks2, q_cols2, g_cols2, t2;
+  std::vector<uint16_t> ds16;
 };
 
 // Whether the backward runs its five tile products on panels (float accumulation, the
@@ -1447,6 +1474,22 @@ void backward_impl(const AttentionBackwardParams& bp) {
     const int64_t tile_elems = (bq + kPanelMR - 1) / kPanelMR * kPanelMR * bk + kPanelMR;
     const int64_t dpad = v_packed_cols<acc_t>(D), kpad = (bk + panel_nr<acc_t>() - 1) / panel_nr<acc_t>() *
                                                          panel_nr<acc_t>();
+    // bfloat16 with AVX512-BF16: the five products on bf16 pairs (float32 sums; P and dS rounded to
+    // bf16), as the forward's; the careful products (a NaN in a hidden row) keep the float path.
+    const bool dot16 = panels && use_bf16_dot<scalar_t>();
+    const int64_t Dp = (D + 1) / 2;
+    if (dot16) {
+      const int64_t qpad = (bq + kPanelMR - 1) / kPanelMR * kPanelMR;
+      ws.k_keys2.resize(static_cast<size_t>(kpad * Dp));
+      ws.v_keys2.resize(static_cast<size_t>(kpad * Dp));
+      ws.k_cols2.resize(static_cast<size_t>((bk + 1) / 2 * dpad));
+      ws.q_blocks2.resize(static_cast<size_t>(qpad * Dp));
+      ws.g_blocks2.resize(ws.q_blocks2.size());
+      ws.q_cols2.resize(static_cast<size_t>((bq + 1) / 2 * dpad));
+      ws.g_cols2.resize(ws.q_cols2.size());
+      ws.t2.resize(static_cast<size_t>((bq + 1) / 2 * (kpad + kPanelMR)));
+      ws.ds16.resize(static_cast<size_t>(qpad * bk));
+    }
     if (panels) {
       ws.k_keys.resize(static_cast<size_t>(kpad * D));
       ws.v_keys.resize(static_cast<size_t>(kpad * D));
@@ -1500,7 +1543,13 @@ void backward_impl(const AttentionBackwardParams& bp) {
       // tile, q and dout once per query tile of the task (cached).
       const bool hides = tile_hides_pairs(pr, pad);
       const bool nan_k = hides && any_nan_rows(kptr, ldk, nk, D);
-      if (panels) {
+      if (dot16) {
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          pack_pair_groups<panel_nr<float>()>(ksrc, p.k_row_stride, nk, D, ws.k_keys2.data());
+          pack_pair_groups<panel_nr<float>()>(vsrc, p.v_row_stride, nk, D, ws.v_keys2.data());
+          pack_v_pair_panels(ksrc, p.k_row_stride, nk, D, ws.k_cols2.data(), (nk + 1) / 2, 0);
+        }
+      } else if (panels) {
         pack_key_panels(kptr, ldk, nk, D, ws.k_keys.data());
         pack_key_panels(vptr, ldv, nk, D, ws.v_keys.data());
         pack_col_panels(kptr, ldk, nk, D, ws.k_cols.data());
@@ -1529,7 +1578,16 @@ void backward_impl(const AttentionBackwardParams& bp) {
             nan_g = fg == 1;
           }
 
-          if (panels) {
+          const int64_t mqp = (mq + 1) / 2;  // query pairs
+          [[maybe_unused]] const int64_t ldt = (nk + kPanelMR - 1) / kPanelMR * kPanelMR;  // transposed pairs: whole MR-key blocks
+          if (dot16) {
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              pack_pair_groups<kPanelMR>(qsrc, p.q_row_stride, mq, D, ws.q_blocks2.data());
+              pack_pair_groups<kPanelMR>(gsrc, bp.dout_row_stride, mq, D, ws.g_blocks2.data());
+              pack_v_pair_panels(qsrc, p.q_row_stride, mq, D, ws.q_cols2.data(), mqp, 0);
+              pack_v_pair_panels(gsrc, bp.dout_row_stride, mq, D, ws.g_cols2.data(), mqp, 0);
+            }
+          } else if (panels) {
             pack_row_blocks(qptr, ldq, mq, D, ws.q_blocks.data());
             pack_row_blocks(gptr, ldg, mq, D, ws.g_blocks.data());
             pack_col_panels(qptr, ldq, mq, D, ws.q_cols.data());
@@ -1538,7 +1596,16 @@ void backward_impl(const AttentionBackwardParams& bp) {
           // C (nk x D) += alpha Aᵀ x, A (mq x nk) one of this tile's buffers, x the query tile's q or dout
           // (its column panels / rows); careful: over A's nonzero entries only.
           auto product_t = [&](bool careful, acc_t alpha, const acc_t* a, const acc_t* cols, const acc_t* x,
-                               int64_t ldx, acc_t* c) {
+                               int64_t ldx, acc_t* c, const uint32_t* cols2) {
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              if (dot16 && !careful) {  // Aᵀ as transposed bf16 pairs of query rows
+                round_pairs_transposed(a, bk, mq, nk, ws.t2.data(), ldt);
+                bf16_gemm_cols(nk, D, mq, alpha, ws.t2.data(), 1, ldt, cols2, mqp, 0, c, D);
+                return;
+              }
+            }
+#endif
             if (panels && !careful) {
               panel_gemm_cols(nk, D, mq, alpha, a, kPanelMR, 1, bk, cols, mq, 0, c, D);
             } else {
@@ -1546,7 +1613,13 @@ void backward_impl(const AttentionBackwardParams& bp) {
             }
           };
           // P = exp(scale q kᵀ + mask - lse), in acc_t's softmax domain
-          if (panels) {
+          if (dot16) {
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              bf16_gemm_keys(mq, nk, Dp, scale_domain, ws.q_blocks2.data(), ws.k_keys2.data(), s, bk);
+            }
+#endif
+          } else if (panels) {
             panel_gemm_keys(mq, nk, D, scale_domain, ws.q_blocks.data(), ws.k_keys.data(), s, bk);
           } else {
             gemm<acc_t>(false, true, mq, nk, D, scale_domain, qptr, ldq, kptr, ldk, acc_t(0), s, bk, ws.pack);
@@ -1554,7 +1627,13 @@ void backward_impl(const AttentionBackwardParams& bp) {
           apply_masks(pr, s, bk, b, h, q0, mq, k0, nk, pad);
           for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r] * static_cast<acc_t>(domain_factor<acc_t>()));
           // dP = dout vᵀ
-          if (panels) {
+          if (dot16) {
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              bf16_gemm_keys(mq, nk, Dp, 1.0f, ws.g_blocks2.data(), ws.v_keys2.data(), dpb, bk);
+            }
+#endif
+          } else if (panels) {
             panel_gemm_keys(mq, nk, D, acc_t(1), ws.g_blocks.data(), ws.v_keys.data(), dpb, bk);
           } else {
             gemm<acc_t>(false, true, mq, nk, D, acc_t(1), gptr, ldg, vptr, ldv, acc_t(0), dpb, bk, ws.pack);
@@ -1567,9 +1646,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
               mul_rows(z + r * bk, s + r * bk, nk);    // z <- dropped P
             }
             // dv += dropped Pᵀ dout
-            product_t(nan_g, acc_t(1), z, ws.g_cols.data(), gptr, ldg, ws.dv.data());
+            product_t(nan_g, acc_t(1), z, ws.g_cols.data(), gptr, ldg, ws.dv.data(), ws.g_cols2.data());
           } else {
-            product_t(nan_g, acc_t(1), s, ws.g_cols.data(), gptr, ldg, ws.dv.data());
+            product_t(nan_g, acc_t(1), s, ws.g_cols.data(), gptr, ldg, ws.dv.data(), ws.g_cols2.data());
           }
           // dS = softmax_grad(P, dP, delta), in place of dP
           for (int64_t r = 0; r < mq; ++r) {
@@ -1578,8 +1657,16 @@ void backward_impl(const AttentionBackwardParams& bp) {
                                  dpb + r * bk, s + r * bk, dpb + r * bk, nk);
           }
           // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
-          product_t(nan_q, scale, dpb, ws.q_cols.data(), qptr, ldq, ws.dk.data());
-          if (panels && !nan_k) {
+          product_t(nan_q, scale, dpb, ws.q_cols.data(), qptr, ldq, ws.dk.data(), ws.q_cols2.data());
+          if (dot16 && !nan_k) {  // dS rounded to bf16 rows, read in place as key pairs
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              round_rows_bf16(dpb, bk, mq, nk, ws.ds16.data(), bk);
+              bf16_gemm_cols(mq, D, nk, scale, reinterpret_cast<const uint32_t*>(ws.ds16.data()), bk / 2, 1,
+                             ws.k_cols2.data(), (nk + 1) / 2, 0, dq_acc + (bh * Sq + q0) * D, D);
+            }
+#endif
+          } else if (panels && !nan_k) {
             panel_gemm_cols(mq, D, nk, scale, dpb, kPanelMR * bk, bk, 1, ws.k_cols.data(), nk, 0,
                             dq_acc + (bh * Sq + q0) * D, D);
           } else {
