@@ -631,6 +631,15 @@ def test_bf16_dot_products_keep_a_hidden_nan_out_and_a_visible_one_in():
         expected = reference.masked_attention(q.double(), k.double(), v_clean.double(), **kw)
         assert torch.isfinite(out).all()
         assert_close(out, expected, torch.bfloat16)
+    # an odd number of visible keys: the last key pair's upper half is the first hidden key, whose
+    # value (inf here) meets a zero weight (the tile is then redone on the float path)
+    kpm[0, 77:] = True
+    v[0, 0, 77] = float("inf")
+    with torch.inference_mode():
+        out = vae_ext.masked_attention(q, k, v, key_padding_mask=kpm)
+    expected = reference.masked_attention(q.double(), k.double(), v_clean.double(), key_padding_mask=kpm)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.bfloat16)
     k[0, 0, 5] = float("nan")  # a visible key: every row that sees it is NaN
     with torch.inference_mode():
         out = vae_ext.masked_attention(q, k, v, key_padding_mask=kpm, is_causal=True)
