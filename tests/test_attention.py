@@ -377,18 +377,30 @@ def test_other_kernel_configurations(env):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
-def _forward_on_and_off(switch, q, k, v, **kw):
-    """The inference forward with a kernel switch (_C._set_attention_cpu_panels, ..._bf16_dot) on and
-    off; the switch is restored afterwards."""
+def _on_and_off(switch, run):
+    """run() with a kernel switch (_C._set_attention_cpu_panels, ..._bf16_dot) on, then off; the
+    switch is restored afterwards."""
     before = switch(True)
     try:
-        with torch.inference_mode():
-            on = vae_ext.masked_attention(q, k, v, **kw)
-            switch(False)
-            off = vae_ext.masked_attention(q, k, v, **kw)
+        on = run()
+        switch(False)
+        off = run()
     finally:
         switch(before)
     return on, off
+
+
+def _forward_on_and_off(switch, q, k, v, **kw):
+    """The inference forward with a kernel switch on and off."""
+    def run():
+        with torch.inference_mode():
+            return vae_ext.masked_attention(q, k, v, **kw)
+    return _on_and_off(switch, run)
+
+
+def _grads_on_and_off(switch, q, k, v, grad, **kw):
+    """The gradients of q, k, v with a kernel switch on and off."""
+    return _on_and_off(switch, lambda: _run(vae_ext.masked_attention, q, k, v, grad, **kw)[1])
 
 
 # The CPU forward's packed-panel tile products (attention_cpu.cpp: panel_gemm) run where a kv head has
@@ -434,13 +446,7 @@ def test_backward_on_packed_panels_matches_the_reference(shape, masks, dtype, la
     grad = torch.randn(q.shape, dtype=torch.float64).to(dtype)
     _, expected = _run(vae_ext.reference.masked_attention, q.double(), k.double(), v.double(), grad.double(),
                        **{**kw, "attn_mask": _as_double(am)})
-    before = vae_ext._C._set_attention_cpu_panels(True)
-    try:
-        _, on = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
-        vae_ext._C._set_attention_cpu_panels(False)
-        _, off = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
-    finally:
-        vae_ext._C._set_attention_cpu_panels(before)
+    on, off = _grads_on_and_off(vae_ext._C._set_attention_cpu_panels, q, k, v, grad, **kw)
     for a, o, e in zip(on, off, expected):
         assert_close(a, e, dtype, scale=_grad_scale(dtype))
         assert_close(o, e, dtype, scale=_grad_scale(dtype))
@@ -601,13 +607,7 @@ def test_bf16_dot_backward_matches_the_widened_path_and_the_reference(shape, mas
     v_ref = v.double().nan_to_num(0.0)
     _, expected = _run(reference.masked_attention, q.double(), k.double(), v_ref, grad.double(),
                        **{**kw, "attn_mask": _as_double(am)})
-    before = vae_ext._C._set_attention_cpu_bf16_dot(True)
-    try:
-        _, on = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
-        vae_ext._C._set_attention_cpu_bf16_dot(False)
-        _, off = _run(vae_ext.masked_attention, q, k, v, grad, **kw)
-    finally:
-        vae_ext._C._set_attention_cpu_bf16_dot(before)
+    on, off = _grads_on_and_off(vae_ext._C._set_attention_cpu_bf16_dot, q, k, v, grad, **kw)
     for name, a, o, e in zip("qkv", on, off, expected):
         finite = torch.isfinite(e)  # the NaN value's own gradient row (dv of a padded key) is zero
         assert torch.isfinite(a).all(), name
