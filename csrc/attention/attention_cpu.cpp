@@ -583,14 +583,51 @@ void panel_gemm_cols(int64_t m, int64_t D, int64_t k, T alpha, const T* a, int64
 //   K panels  NR keys each, pair q of key j at q * NR + j (a panel: Dp * NR)
 //   V panels  v_panel_width columns each, key pair t of column c at t * w + c (Skp = ceil(Sk / 2) rows)
 //   P         bf16 rows of the scores tile, read in place as pairs of keys
+// The kernels below are defined in the AVX512 build only. Every build declares the four
+// entry points, so the call sites, each under `if constexpr (kBf16Dot<scalar_t>)`, compile
+// everywhere and are instantiated only where the kernels exist (elsewhere nothing calls them).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kBf16DotBuilt = true;
+#else
+constexpr bool kBf16DotBuilt = false;
+#endif
+template <typename scalar_t>
+inline constexpr bool kBf16Dot = std::is_same_v<scalar_t, c10::BFloat16> && kBf16DotBuilt;
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"  // declared, not defined, outside the AVX512 build
+// C (m x nk) = alpha Q Kᵀ: Q as pair blocks, K as pair panels from the tile's first key on.
+inline void bf16_gemm_keys(int64_t m, int64_t nk, int64_t Dp, float alpha, const uint32_t* q_blocks,
+                           const uint32_t* key_panels, float* c, int64_t ldc);
+// C (m x D) += alpha A X over nk rows of X: A's element pair (row r, pair q) at
+// a[r * a_rs + q * a_cs] (P or dS as bf16 rows, read in place: a_rs = row stride in pairs,
+// a_cs = 1; Pᵀ or dSᵀ as transposed pairs: a_rs = 1, a_cs = their row stride), X as column
+// panels of row pairs (Skp pair rows) from pair t0 on.
+inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, float alpha, const uint32_t* a_pairs, int64_t a_rs,
+                           int64_t a_cs, const uint32_t* col_panels, int64_t Skp, int64_t t0, float* c,
+                           int64_t ldc);
+// dst rows (row stride ldd, uint16) = the first n entries of each of `rows` float rows of s
+// (row stride lds) rounded to bf16 (to nearest even; NaN stays NaN), and a zero after them
+// when n is odd (the last pair's upper half).
+inline void round_rows_bf16(const float* s, int64_t lds, int64_t rows, int64_t n, uint16_t* dst, int64_t ldd);
+// T[t * ldt + r] = the pair (x[2t][r], x[2t + 1][r]) rounded to bf16 (to nearest even), for
+// t < ceil(rows / 2) and r < n: x's float rows (row stride ldx) transposed into pairs of rows,
+// the A of a product Xᵀ Y over the rows (the backward's Pᵀ dO and dSᵀ Q); a missing last row is zero.
+inline void round_pairs_transposed(const float* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* T,
+                                   int64_t ldt);
+#pragma GCC diagnostic pop
+
+#if defined(CPU_CAPABILITY_AVX512)
+#define VAE_EXT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// The lanes [0, n) of a 16-lane vector (n <= 16).
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // C rows [0, rows) x cols [0, ncols) (= or +=) alpha A B over kp pairs: as block_kernel, with
 // A element pair (r, q) at a[r * a_rs + q * a_cs] broadcast and B's row pair q the NV vectors
 // at b + q * NV * 16.
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block_kernel(
+VAE_EXT_BF16_TARGET void bf16_block_kernel(
     const uint32_t* __restrict__ a, int64_t a_rs, int64_t a_cs, const uint32_t* __restrict__ b, int64_t kp,
     float* c, int64_t ldc, int64_t rows, int64_t ncols, float alpha, bool accumulate) {
   __m512 acc[MR][NV];
@@ -621,7 +658,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block_
     for (int v = 0; v < NV; ++v) {
       const int64_t n = std::min<int64_t>(16, ncols - v * 16);
       if (n <= 0) break;
-      const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __mmask16 m = lanes16(n);
       __m512 x = _mm512_mul_ps(acc[r][v], va);
       if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, cr + v * 16));
       _mm512_mask_storeu_ps(cr + v * 16, m, x);
@@ -629,25 +666,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_block_
   }
 }
 
-// dst rows (row stride ldd, uint16) = the first n entries of each of `rows` float rows of s
-// (row stride lds) rounded to bf16 (to nearest even; NaN stays NaN), and a zero after them
-// when n is odd (the last pair's upper half).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void round_rows_bf16(
-    const float* s, int64_t lds, int64_t rows, int64_t n, uint16_t* dst, int64_t ldd) {
+VAE_EXT_BF16_TARGET inline void round_rows_bf16(const float* s, int64_t lds, int64_t rows, int64_t n,
+                                                uint16_t* dst, int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = s + r * lds;
     uint16_t* y = dst + r * ldd;
     for (int64_t j = 0; j < n; j += 16) {
-      const int64_t len = std::min<int64_t>(16, n - j);
-      const __mmask16 m = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      const __mmask16 m = lanes16(n - j);
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
       _mm256_mask_storeu_epi16(y + j, m, (__m256i)h);
     }
     if (n % 2 != 0) y[n] = 0;
   }
 }
-#else
-constexpr bool kBf16DotBuilt = false;
+
 #endif
 
 inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
@@ -687,7 +719,6 @@ inline void pack_v_pair_panels(const c10::BFloat16* x, int64_t ld, int64_t rows,
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// C (m x nk) = alpha Q Kᵀ: Q as pair blocks, K as pair panels from the tile's first key on.
 inline void bf16_gemm_keys(int64_t m, int64_t nk, int64_t Dp, float alpha, const uint32_t* q_blocks,
                            const uint32_t* key_panels, float* c, int64_t ldc) {
   constexpr int64_t NR = panel_nr<float>(), MR = kPanelMR;
@@ -699,12 +730,9 @@ inline void bf16_gemm_keys(int64_t m, int64_t nk, int64_t Dp, float alpha, const
   }
 }
 
-// C (m x D) += alpha A X over nk rows of X: A's element pair (row r, pair q) at
-// a[r * a_rs + q * a_cs] (P or dS as bf16 rows, read in place: a_rs = row stride in pairs,
-// a_cs = 1; Pᵀ or dSᵀ as transposed pairs: a_rs = 1, a_cs = their row stride), X as column
-// panels of row pairs (Skp pair rows) from pair t0 on.
 inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, float alpha, const uint32_t* a_pairs, int64_t a_rs,
-                           int64_t a_cs, const uint32_t* col_panels, int64_t Skp, int64_t t0, float* c, int64_t ldc) {
+                           int64_t a_cs, const uint32_t* col_panels, int64_t Skp, int64_t t0, float* c,
+                           int64_t ldc) {
   constexpr int64_t MR = kPanelMR;
   const int64_t kp = (nk + 1) / 2;
   for (int64_t c0 = 0; c0 < D;) {
@@ -723,17 +751,13 @@ inline void bf16_gemm_cols(int64_t m, int64_t D, int64_t nk, float alpha, const 
   }
 }
 
-// T[t * ldt + r] = the pair (x[2t][r], x[2t + 1][r]) rounded to bf16 (to nearest even), for
-// t < ceil(rows / 2) and r < n: x's float rows (row stride ldx) transposed into pairs of rows,
-// the A of a product Xᵀ Y over the rows (the backward's Pᵀ dO and dSᵀ Q); a missing last row is zero.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void round_pairs_transposed(
-    const float* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* T, int64_t ldt) {
+VAE_EXT_BF16_TARGET inline void round_pairs_transposed(const float* x, int64_t ldx, int64_t rows, int64_t n,
+                                                       uint32_t* T, int64_t ldt) {
   for (int64_t t = 0; 2 * t < rows; ++t) {
     const float* x0 = x + 2 * t * ldx;
     const float* x1 = 2 * t + 1 < rows ? x0 + ldx : nullptr;
     for (int64_t r = 0; r < n; r += 16) {
-      const int64_t len = std::min<int64_t>(16, n - r);
-      const __mmask16 m = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      const __mmask16 m = lanes16(n - r);
       const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x0 + r));
       const __m256i hi = x1 != nullptr ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x1 + r))
                                        : _mm256_setzero_si256();
@@ -1107,14 +1131,13 @@ struct KvPanels {
   int64_t k_head = 0, v_head = 0;  // elements per (batch, kv head)
   uint32_t* k2 = nullptr;
   uint32_t* v2 = nullptr;
-  int64_t k2_head = 0, v2_head = 0, Dp = 0, Skp = 0;  // pairs per (batch, kv head); pairs per row / column
+  int64_t k2_head = 0, v2_head = 0;  // pairs per (batch, kv head)
 };
 
 // Whether the forward of these inputs runs the AVX512-BF16 products (with panels).
 template <typename scalar_t>
 inline bool use_bf16_dot() {
-  return std::is_same_v<scalar_t, c10::BFloat16> && kBf16DotBuilt && cpu_has_avx512_bf16() &&
-         attention_cpu_bf16_dot();
+  return kBf16Dot<scalar_t> && cpu_has_avx512_bf16() && attention_cpu_bf16_dot();
 }
 
 // Whether the forward runs its tile products on panels: float accumulation, and enough
@@ -1142,12 +1165,11 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
   kv.k_head = Skp * D;
   kv.v_head = Sk * v_packed_cols<acc_t>(D);
   const int64_t heads = pr.B * pr.Hkv, chunks = (Sk + kChunk - 1) / kChunk;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+  if constexpr (kBf16Dot<scalar_t>) {
     if (use_bf16_dot<scalar_t>()) {  // pair panels straight from the bf16 input
-      kv.Dp = (D + 1) / 2;
-      kv.Skp = (Sk + 1) / 2;
-      kv.k2_head = Skp * kv.Dp;
-      kv.v2_head = kv.Skp * v_packed_cols<float>(D);
+      const int64_t Dp = (D + 1) / 2, Sk_pairs = (Sk + 1) / 2;
+      kv.k2_head = Skp * Dp;
+      kv.v2_head = Sk_pairs * v_packed_cols<float>(D);
       const int64_t k2_elems = (heads * kv.k2_head + 15) / 16 * 16;
       kv.storage.reset(sizeof(uint32_t) * static_cast<size_t>(k2_elems + heads * kv.v2_head));
       kv.k2 = static_cast<uint32_t*>(kv.storage.data());
@@ -1160,8 +1182,8 @@ void pack_kv_panels(const Problem& pr, KvPanels<acc_t>& kv) {
                           j0 * p.k_row_stride;
           const auto* V = static_cast<const c10::BFloat16*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                           j0 * p.v_row_stride;
-          pack_pair_groups<NR>(K, p.k_row_stride, n, D, kv.k2 + bh * kv.k2_head + j0 * kv.Dp);
-          pack_v_pair_panels(V, p.v_row_stride, n, D, kv.v2 + bh * kv.v2_head, kv.Skp, j0);
+          pack_pair_groups<NR>(K, p.k_row_stride, n, D, kv.k2 + bh * kv.k2_head + j0 * Dp);
+          pack_v_pair_panels(V, p.v_row_stride, n, D, kv.v2 + bh * kv.v2_head, Sk_pairs, j0);
         }
       });
       return;
@@ -1225,11 +1247,12 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
   const acc_t* vpan = nullptr;
   const uint32_t* kpan2 = nullptr;
   const uint32_t* vpan2 = nullptr;
+  const int64_t Dp = (D + 1) / 2;  // pairs of head-dim entries (dot16)
   if (dot16) {
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (kBf16Dot<scalar_t>) {
       kpan2 = kv->k2 + (b * pr.Hkv + hk) * kv->k2_head;
       vpan2 = kv->v2 + (b * pr.Hkv + hk) * kv->v2_head;
-      ws.qp2.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * kv->Dp));
+      ws.qp2.resize(static_cast<size_t>((mq + MR - 1) / MR * MR * Dp));
       pack_pair_groups<MR>(qsrc, q_rs, mq, D, ws.qp2.data());
       ws.p16.resize(ws.s.size());
     }
@@ -1251,11 +1274,7 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     if (pad == kAllPadding) continue;
     const int64_t k0 = kt * bk, nk = std::min(bk, end - k0);
     if (dot16) {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        bf16_gemm_keys(mq, nk, kv->Dp, scale, ws.qp2.data(), kpan2 + k0 * kv->Dp, s, bk);
-      }
-#endif
+      if constexpr (kBf16Dot<scalar_t>) bf16_gemm_keys(mq, nk, Dp, scale, ws.qp2.data(), kpan2 + k0 * Dp, s, bk);
     } else if (kpan != nullptr) {  // key panels start at multiples of NR (k0 is a multiple of bk, of 64)
       panel_gemm_keys(mq, nk, D, scale, ws.qp.data(), kpan + k0 * D, s, bk);
     } else {
@@ -1287,13 +1306,11 @@ void forward_tile(const Problem& pr, int64_t b, int64_t h, int64_t qt, FwdWorksp
     // out += P V (careful: a NaN value of a hidden key stays out of the rows that do not see it)
     const bool careful_tile = careful && tile_hides_pairs(pr, pad);
     if (dot16 && !careful_tile) {  // P rounded to bf16 rows (k0 is even: pair t0 = k0 / 2)
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if constexpr (kBf16Dot<scalar_t>) {
         round_rows_bf16(s, bk, mq, nk, ws.p16.data(), bk);
         bf16_gemm_cols(mq, D, nk, 1.0f, reinterpret_cast<const uint32_t*>(ws.p16.data()), bk / 2, 1, vpan2,
-                       kv->Skp, k0 / 2, ws.acc.data(), D);
+                       (pr.Sk + 1) / 2, k0 / 2, ws.acc.data(), D);
       }
-#endif
       continue;
     }
     if (vpan != nullptr && !careful_tile) {
@@ -1531,20 +1548,23 @@ void backward_impl(const AttentionBackwardParams& bp) {
                          k0 * p.k_row_stride;
       const auto* vsrc = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                          k0 * p.v_row_stride;
+      // NaN checks of the products' B operands, only in tiles that hide pairs: K once per key
+      // tile, q and dout once per query tile of the task (cached).
+      const bool hides = tile_hides_pairs(pr, pad);
+      // The widened rows: the float products' operands; with dot16 only the NaN checks and the
+      // careful products (tiles that hide pairs) read them, and nothing reads V's.
+      const bool widen = !dot16 || hides;
       int64_t ldk = 0, ldv = 0;
-      const acc_t* kptr = load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk);
-      const acc_t* vptr = load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv);
+      const acc_t* kptr = widen ? load_rows(ksrc, p.k_row_stride, nk, D, ws.k.data(), ldk) : nullptr;
+      const acc_t* vptr = !dot16 ? load_rows(vsrc, p.v_row_stride, nk, D, ws.v.data(), ldv) : nullptr;
       std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
       std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
       // Queries before first_query(k0) see none of these keys under the causal mask.
       const int64_t q_first = pr.first_query(k0);
       const int64_t qt_first = q_first >= Sq ? pr.n_q_tiles : q_first / bq;
-      // NaN checks of the products' B operands, only in tiles that hide pairs: K once per key
-      // tile, q and dout once per query tile of the task (cached).
-      const bool hides = tile_hides_pairs(pr, pad);
       const bool nan_k = hides && any_nan_rows(kptr, ldk, nk, D);
       if (dot16) {
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if constexpr (kBf16Dot<scalar_t>) {
           pack_pair_groups<panel_nr<float>()>(ksrc, p.k_row_stride, nk, D, ws.k_keys2.data());
           pack_pair_groups<panel_nr<float>()>(vsrc, p.v_row_stride, nk, D, ws.v_keys2.data());
           pack_v_pair_panels(ksrc, p.k_row_stride, nk, D, ws.k_cols2.data(), (nk + 1) / 2, 0);
@@ -1564,8 +1584,8 @@ void backward_impl(const AttentionBackwardParams& bp) {
           const scalar_t* gsrc = dout_base + b * bp.dout_batch_stride + h * bp.dout_head_stride +
                                  q0 * bp.dout_row_stride;
           int64_t ldq = 0, ldg = 0;
-          const acc_t* qptr = load_rows(qsrc, p.q_row_stride, mq, D, ws.q.data(), ldq);
-          const acc_t* gptr = load_rows(gsrc, bp.dout_row_stride, mq, D, ws.dout.data(), ldg);
+          const acc_t* qptr = widen ? load_rows(qsrc, p.q_row_stride, mq, D, ws.q.data(), ldq) : nullptr;
+          const acc_t* gptr = widen ? load_rows(gsrc, bp.dout_row_stride, mq, D, ws.dout.data(), ldg) : nullptr;
           const acc_t* lse = lse_acc + bh * Sq + q0;
           const acc_t* delta = delta_acc + bh * Sq + q0;
           bool nan_q = false, nan_g = false;
@@ -1581,7 +1601,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
           const int64_t mqp = (mq + 1) / 2;  // query pairs
           [[maybe_unused]] const int64_t ldt = (nk + kPanelMR - 1) / kPanelMR * kPanelMR;  // transposed pairs: whole MR-key blocks
           if (dot16) {
-            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if constexpr (kBf16Dot<scalar_t>) {
               pack_pair_groups<kPanelMR>(qsrc, p.q_row_stride, mq, D, ws.q_blocks2.data());
               pack_pair_groups<kPanelMR>(gsrc, bp.dout_row_stride, mq, D, ws.g_blocks2.data());
               pack_v_pair_panels(qsrc, p.q_row_stride, mq, D, ws.q_cols2.data(), mqp, 0);
@@ -1597,15 +1617,13 @@ void backward_impl(const AttentionBackwardParams& bp) {
           // (its column panels / rows); careful: over A's nonzero entries only.
           auto product_t = [&](bool careful, acc_t alpha, const acc_t* a, const acc_t* cols, const acc_t* x,
                                int64_t ldx, acc_t* c, const uint32_t* cols2) {
-#if defined(CPU_CAPABILITY_AVX512)
-            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if constexpr (kBf16Dot<scalar_t>) {
               if (dot16 && !careful) {  // Aᵀ as transposed bf16 pairs of query rows
                 round_pairs_transposed(a, bk, mq, nk, ws.t2.data(), ldt);
                 bf16_gemm_cols(nk, D, mq, alpha, ws.t2.data(), 1, ldt, cols2, mqp, 0, c, D);
                 return;
               }
             }
-#endif
             if (panels && !careful) {
               panel_gemm_cols(nk, D, mq, alpha, a, kPanelMR, 1, bk, cols, mq, 0, c, D);
             } else {
@@ -1614,11 +1632,9 @@ void backward_impl(const AttentionBackwardParams& bp) {
           };
           // P = exp(scale q kᵀ + mask - lse), in acc_t's softmax domain
           if (dot16) {
-#if defined(CPU_CAPABILITY_AVX512)
-            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if constexpr (kBf16Dot<scalar_t>) {
               bf16_gemm_keys(mq, nk, Dp, scale_domain, ws.q_blocks2.data(), ws.k_keys2.data(), s, bk);
             }
-#endif
           } else if (panels) {
             panel_gemm_keys(mq, nk, D, scale_domain, ws.q_blocks.data(), ws.k_keys.data(), s, bk);
           } else {
@@ -1628,11 +1644,7 @@ void backward_impl(const AttentionBackwardParams& bp) {
           for (int64_t r = 0; r < mq; ++r) exp_sub(s + r * bk, nk, lse[r] * static_cast<acc_t>(domain_factor<acc_t>()));
           // dP = dout vᵀ
           if (dot16) {
-#if defined(CPU_CAPABILITY_AVX512)
-            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-              bf16_gemm_keys(mq, nk, Dp, 1.0f, ws.g_blocks2.data(), ws.v_keys2.data(), dpb, bk);
-            }
-#endif
+            if constexpr (kBf16Dot<scalar_t>) bf16_gemm_keys(mq, nk, Dp, 1.0f, ws.g_blocks2.data(), ws.v_keys2.data(), dpb, bk);
           } else if (panels) {
             panel_gemm_keys(mq, nk, D, acc_t(1), ws.g_blocks.data(), ws.v_keys.data(), dpb, bk);
           } else {
@@ -1659,13 +1671,11 @@ void backward_impl(const AttentionBackwardParams& bp) {
           // dk += scale dSᵀ q; dq += scale dS k (NaN of hidden queries / keys kept out)
           product_t(nan_q, scale, dpb, ws.q_cols.data(), qptr, ldq, ws.dk.data(), ws.q_cols2.data());
           if (dot16 && !nan_k) {  // dS rounded to bf16 rows, read in place as key pairs
-#if defined(CPU_CAPABILITY_AVX512)
-            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if constexpr (kBf16Dot<scalar_t>) {
               round_rows_bf16(dpb, bk, mq, nk, ws.ds16.data(), bk);
               bf16_gemm_cols(mq, D, nk, scale, reinterpret_cast<const uint32_t*>(ws.ds16.data()), bk / 2, 1,
                              ws.k_cols2.data(), (nk + 1) / 2, 0, dq_acc + (bh * Sq + q0) * D, D);
             }
-#endif
           } else if (panels && !nan_k) {
             panel_gemm_cols(mq, D, nk, scale, dpb, kPanelMR * bk, bk, 1, ws.k_cols.data(), nk, 0,
                             dq_acc + (bh * Sq + q0) * D, D);
