@@ -87,13 +87,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     vae_ext::set_attention_cpu_panels(on);
     return before;
   });
-  // Tests and benchmarks only: the AVX512-BF16 products of the bfloat16 CPU forward on or off.
+  // Tests and benchmarks only: the AVX512-BF16 products of the bfloat16 CPU forward and backward on or off.
   m.def("_set_attention_cpu_bf16_dot", [](bool on) {
     const bool before = vae_ext::attention_cpu_bf16_dot();
     vae_ext::set_attention_cpu_bf16_dot(on);
     return before;
   });
-  // Tests only: the bytes of scratch memory the calling thread keeps for the next call (cpu_scratch.h).
+  // Tests only: the bytes of scratch memory the process keeps for the next call (cpu_scratch.h).
   m.def("_scratch_cached_bytes", []() { return vae_ext::scratch_cached_bytes(); });
   // Tests only: switch the CPU kernels' capability in-process ("" = the env/best choice).
   m.def("_set_cpu_capability", [](const std::string& name) {

@@ -39,7 +39,7 @@ def _cmd_info(args) -> int:
                 bf16 = "off (VAE_EXT_ATTN_BF16_DOT=0)"
             else:
                 bf16 = "on (VAE_EXT_ATTN_BF16_DOT=0 turns it off)"
-            print(f"AVX512-BF16 products of the bfloat16 attention forward: {bf16}")
+            print(f"AVX512-BF16 products of bfloat16 attention (forward and backward): {bf16}")
     else:
         print(f"extension: not loaded ({info['load_error']}); every op runs the PyTorch reference")
     print(f"backend mode: {info['mode']}")

@@ -113,7 +113,7 @@ struct AttentionBackwardParams {
 // (one flag for every CPU capability's kernels).
 bool attention_cpu_panels();
 void set_attention_cpu_panels(bool on);
-// Whether the AVX512 forward runs the panel products of bfloat16 inputs with AVX512-BF16
+// Whether the AVX512 forward and backward run the panel products of bfloat16 inputs with AVX512-BF16
 // dot products (bf16 operands, float32 sums) where the CPU has them: on unless
 // VAE_EXT_ATTN_BF16_DOT=0; tests and benchmarks switch it (_C._set_attention_cpu_bf16_dot).
 bool attention_cpu_bf16_dot();

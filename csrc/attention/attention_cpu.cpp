@@ -583,6 +583,8 @@ void panel_gemm_cols(int64_t m, int64_t D, int64_t k, T alpha, const T* a, int64
 //   K panels  NR keys each, pair q of key j at q * NR + j (a panel: Dp * NR)
 //   V panels  v_panel_width columns each, key pair t of column c at t * w + c (Skp = ceil(Sk / 2) rows)
 //   P         bf16 rows of the scores tile, read in place as pairs of keys
+// The backward's five products use the same kernels (backward_impl: S and dP as Q·Kᵀ; Pᵀ dO
+// and dSᵀ Q on transposed pairs of query rows; dS K on dS's bf16 rows).
 // The kernels below are defined in the AVX512 build only. Every build declares the four
 // entry points, so the call sites, each under `if constexpr (kBf16Dot<scalar_t>)`, compile
 // everywhere and are instantiated only where the kernels exist (elsewhere nothing calls them).
@@ -1134,7 +1136,7 @@ struct KvPanels {
   int64_t k2_head = 0, v2_head = 0;  // pairs per (batch, kv head)
 };
 
-// Whether the forward of these inputs runs the AVX512-BF16 products (with panels).
+// Whether the forward and backward of these inputs run the AVX512-BF16 products (with panels).
 template <typename scalar_t>
 inline bool use_bf16_dot() {
   return kBf16Dot<scalar_t> && cpu_has_avx512_bf16() && attention_cpu_bf16_dot();

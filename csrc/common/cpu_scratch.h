@@ -20,12 +20,11 @@ constexpr size_t kScratchCacheBytes = size_t(32) << 20;
 class ScratchBuffer {
  public:
   ScratchBuffer() = default;
-  // At least `bytes` bytes, 64-byte aligned, uninitialised.
-  explicit ScratchBuffer(size_t bytes) { reset(bytes); }
   ~ScratchBuffer() { release(); }
   ScratchBuffer(const ScratchBuffer&) = delete;
   ScratchBuffer& operator=(const ScratchBuffer&) = delete;
 
+  // At least `bytes` bytes, 64-byte aligned, uninitialised (what the buffer held is given back first).
   void reset(size_t bytes);
   void* data() const { return data_; }
 
